@@ -1,0 +1,807 @@
+//! The progress-aware cache: stored answers within a byte budget, at most one
+//! upstream fetch in flight per key shared by every waiter, stale fallbacks when
+//! upstream struggles, and a per-project backoff after a 429.
+//!
+//! Fetches run in their own task, detached from the request that started them,
+//! so a client that hangs up never cancels what others are waiting for. Waiters
+//! are woken by a `watch` channel the moment the fetch settles: no polling.
+//!
+//! Freshness is judged with tokio's clock against the policy (see `policy`); the
+//! store's own expiry only frees memory after every stale window has passed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::{retry_after_value, GatewayError};
+use crate::policy::{classify, freshness, retry_after, CachePolicy, CacheStatus, Class, Freshness};
+use crate::route::{Api, Route};
+use crate::upstream::UpstreamResponse;
+
+/// Identifies one cached answer: API, project, instance, job, language and the
+/// credential's principal, so tenants and languages never share answers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(Arc<str>);
+
+impl CacheKey {
+    pub fn new(route: &Route, language: Option<&str>, credential: &str) -> Self {
+        // Route segments and languages cannot contain ' ', so the join is unambiguous.
+        let key = format!(
+            "{} {} {} {} {} {}",
+            route.api.as_str(),
+            route.project,
+            route.instance.unwrap_or("-"),
+            route.job,
+            language.unwrap_or("-"),
+            credential
+        );
+        CacheKey(key.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An upstream answer as kept and served: everything a response needs,
+/// header values prepared once so a hit copies nothing but pointers.
+#[derive(Debug)]
+pub struct Stored {
+    pub status: StatusCode,
+    pub class: Class,
+    pub body: Bytes,
+    pub content_type: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
+    /// Set on a 429 passed to the client, so it always learns when to retry.
+    pub retry_after: Option<HeaderValue>,
+    /// Strong validator over the body bytes (RFC 9110 §8.8.3).
+    pub etag: HeaderValue,
+    pub stored_at: Instant,
+}
+
+impl Stored {
+    fn new(response: UpstreamResponse, class: Class, stored_at: Instant) -> Self {
+        let digest = Sha256::digest(&response.body);
+        let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+        let mut headers = response.headers;
+        Stored {
+            status: response.status,
+            class,
+            content_type: headers.remove(http::header::CONTENT_TYPE),
+            request_id: headers.remove("x-request-id"),
+            retry_after: None,
+            etag: HeaderValue::from_str(&etag).expect("hex is a valid header value"),
+            body: response.body,
+            stored_at,
+        }
+    }
+}
+
+/// What a lookup gives the client.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub stored: Arc<Stored>,
+    pub status: CacheStatus,
+}
+
+/// How a shared fetch settled, as every waiter sees it.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// Upstream answered (stored or not, as its class decides).
+    Fetched(Arc<Stored>),
+    /// Upstream failed and an earlier answer stands in for it.
+    Stale(Arc<Stored>),
+    Failed(Arc<GatewayError>),
+}
+
+type Flight = watch::Receiver<Option<Outcome>>;
+
+/// Bytes counted for an entry beyond its key and body (the store's own bookkeeping).
+const ENTRY_OVERHEAD: usize = 256;
+
+/// Cloning shares the cache.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: CachePolicy,
+    store: moka::sync::Cache<CacheKey, Arc<Stored>>,
+    /// std Mutex: only held to look up, insert or remove; never across an await.
+    flights: Mutex<HashMap<CacheKey, Flight>>,
+    /// No upstream request for (API, project) before the instant (after a 429).
+    backoff: Mutex<HashMap<(Api, String), Instant>>,
+}
+
+/// Frees memory once an answer is past every window in which it could be served.
+struct KeepFor(CachePolicy);
+
+impl moka::Expiry<CacheKey, Arc<Stored>> for KeepFor {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Stored>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        match value.class {
+            Class::Terminal => self.0.terminal_idle,
+            class => self.0.keep_for(class),
+        }
+    }
+
+    fn expire_after_read(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Stored>,
+        _read_at: std::time::Instant,
+        remaining: Option<Duration>,
+        _last_modified_at: std::time::Instant,
+    ) -> Option<Duration> {
+        match value.class {
+            Class::Terminal => self.0.terminal_idle,
+            _ => remaining,
+        }
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &CacheKey,
+        value: &Arc<Stored>,
+        updated_at: std::time::Instant,
+        _remaining: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+impl Cache {
+    pub fn new(policy: CachePolicy) -> Self {
+        let store = moka::sync::Cache::builder()
+            .max_capacity(policy.max_bytes)
+            .weigher(|key: &CacheKey, value: &Arc<Stored>| {
+                let bytes = key.0.len() + value.body.len() + ENTRY_OVERHEAD;
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
+            .expire_after(KeepFor(policy.clone()))
+            .build();
+        Cache {
+            inner: Arc::new(Inner {
+                policy,
+                store,
+                flights: Mutex::new(HashMap::new()),
+                backoff: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn policy(&self) -> &CachePolicy {
+        &self.inner.policy
+    }
+
+    /// Entries and weighted bytes currently stored (after pending maintenance).
+    pub fn usage(&self) -> (u64, u64) {
+        self.inner.store.run_pending_tasks();
+        (
+            self.inner.store.entry_count(),
+            self.inner.store.weighted_size(),
+        )
+    }
+
+    /// The answer for `key`: stored, shared from a fetch in flight, or fetched by
+    /// `fetch` in a detached task. `fetch` is only called when upstream is asked.
+    pub async fn get<F, Fut>(
+        &self,
+        key: CacheKey,
+        api: Api,
+        project: &str,
+        fetch: F,
+    ) -> Result<Answer, Arc<GatewayError>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<UpstreamResponse, GatewayError>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let stored = inner.store.get(&key);
+        let standing = stored
+            .as_ref()
+            .map(|s| freshness(&inner.policy, s.class, now.duration_since(s.stored_at)));
+        let backoff = inner.backoff_remaining(api, project, now);
+
+        match (stored, standing) {
+            (Some(stored), Some(Freshness::Fresh { .. })) => {
+                return Ok(Answer {
+                    stored,
+                    status: CacheStatus::Hit,
+                })
+            }
+            (Some(stored), Some(Freshness::Revalidate)) => {
+                if backoff.is_none() {
+                    self.join_or_start(key, api, project, fetch);
+                }
+                return Ok(Answer {
+                    stored,
+                    status: CacheStatus::Stale,
+                });
+            }
+            // Throttled: an answer still within stale-if-error beats a 429; an
+            // older one is not served, so a long backoff cannot pin it forever.
+            (Some(stored), Some(Freshness::StaleIfError)) if backoff.is_some() => {
+                return Ok(Answer {
+                    stored,
+                    status: CacheStatus::Stale,
+                })
+            }
+            _ => {}
+        }
+        if let Some(retry_after) = backoff {
+            return Err(Arc::new(GatewayError::Throttled {
+                api: api.as_str(),
+                retry_after,
+            }));
+        }
+
+        let (mut flight, leader) = self.join_or_start(key, api, project, fetch);
+        let wait = inner.policy.wait_timeout;
+        let settled = tokio::time::timeout(wait, flight.wait_for(Option::is_some)).await;
+        let outcome = match settled {
+            Err(_) => return Err(Arc::new(GatewayError::WaitTimeout(wait))),
+            // The fetch task ended without settling: it panicked.
+            Ok(Err(_)) => {
+                return Err(Arc::new(GatewayError::UpstreamInvalid {
+                    api: api.as_str(),
+                    reason: "the upstream fetch was aborted".into(),
+                }))
+            }
+            Ok(Ok(outcome)) => outcome.clone().expect("waited for Some"),
+        };
+        match outcome {
+            Outcome::Fetched(stored) => Ok(Answer {
+                stored,
+                status: if leader {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Coalesced
+                },
+            }),
+            Outcome::Stale(stored) => Ok(Answer {
+                stored,
+                status: CacheStatus::Stale,
+            }),
+            Outcome::Failed(error) => Err(error),
+        }
+    }
+
+    /// Joins the fetch in flight for `key`, or starts one. True if started here.
+    fn join_or_start<F, Fut>(
+        &self,
+        key: CacheKey,
+        api: Api,
+        project: &str,
+        fetch: F,
+    ) -> (Flight, bool)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<UpstreamResponse, GatewayError>> + Send + 'static,
+    {
+        let mut flights = self.inner.flights.lock().unwrap();
+        if let Some(flight) = flights.get(&key) {
+            return (flight.clone(), false);
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), rx.clone());
+        drop(flights);
+
+        let inner = self.inner.clone();
+        let project = project.to_string();
+        tokio::spawn(async move {
+            // Removes the flight even if `fetch` panics, so the key is not stuck.
+            let landing = Landing {
+                inner: &inner,
+                key: &key,
+            };
+            let result = fetch().await;
+            let outcome = inner.settle(&key, api, &project, result);
+            // Leave the flight map before waking waiters: a request arriving now
+            // finds the stored answer, or starts a new fetch after a failure.
+            drop(landing);
+            tx.send_replace(Some(outcome));
+        });
+        (rx, true)
+    }
+}
+
+struct Landing<'a> {
+    inner: &'a Inner,
+    key: &'a CacheKey,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.inner.flights.lock().unwrap().remove(self.key);
+    }
+}
+
+impl Inner {
+    fn backoff_remaining(&self, api: Api, project: &str, now: Instant) -> Option<Duration> {
+        let mut backoff = self.backoff.lock().unwrap();
+        if backoff.is_empty() {
+            return None;
+        }
+        let key = (api, project.to_string());
+        let until = *backoff.get(&key)?;
+        if until <= now {
+            backoff.remove(&key);
+            return None;
+        }
+        Some(until - now)
+    }
+
+    /// Turns a fetch result into what waiters get, storing what may be stored.
+    fn settle(
+        &self,
+        key: &CacheKey,
+        api: Api,
+        project: &str,
+        result: Result<UpstreamResponse, GatewayError>,
+    ) -> Outcome {
+        let now = Instant::now();
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                return match self.stale_fallback(key, now) {
+                    Some(stale) => Outcome::Stale(stale),
+                    None => Outcome::Failed(Arc::new(error)),
+                }
+            }
+        };
+        let class = classify(api, response.status, &response.body, &self.policy.terminal);
+        let status = response.status;
+        let mut retry = None;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry_after(
+                &response.headers,
+                SystemTime::now(),
+                self.policy.retry_after_default,
+                self.policy.retry_after_max,
+            );
+            self.backoff
+                .lock()
+                .unwrap()
+                .insert((api, project.to_string()), now + wait);
+            retry = Some(retry_after_value(wait));
+        }
+        let mut stored = Stored::new(response, class, now);
+        stored.retry_after = retry;
+        let stored = Arc::new(stored);
+        if class != Class::Uncacheable {
+            self.store.insert(key.clone(), stored.clone());
+            return Outcome::Fetched(stored);
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            if let Some(stale) = self.stale_fallback(key, now) {
+                return Outcome::Stale(stale);
+            }
+        }
+        Outcome::Fetched(stored)
+    }
+
+    /// An earlier answer that may stand in while upstream fails.
+    fn stale_fallback(&self, key: &CacheKey, now: Instant) -> Option<Arc<Stored>> {
+        let stored = self.store.get(key)?;
+        let age = now.duration_since(stored.stored_at);
+        match freshness(&self.policy, stored.class, age) {
+            Freshness::Expired => None,
+            _ => Some(stored),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http::HeaderMap;
+
+    const RUNNING: &str = r#"{"id":"j","status":"RUNNING","progress_percent":0.5}"#;
+    const DONE: &str = r#"{"id":"j","status":"SUCCEEDED","progress_percent":1.0}"#;
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            running_ttl: Duration::from_secs(1),
+            not_found_ttl: Duration::from_millis(500),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::from_secs(10),
+            wait_timeout: Duration::from_secs(5),
+            retry_after_default: Duration::from_secs(3),
+            retry_after_max: Duration::from_secs(60),
+            ..CachePolicy::default()
+        }
+    }
+
+    fn key(job: &str) -> CacheKey {
+        let route = Route {
+            api: Api::Roma,
+            project: "p",
+            instance: Some("i"),
+            job,
+        };
+        CacheKey::new(&route, None, "token:main")
+    }
+
+    fn response(status: u16, body: &str) -> UpstreamResponse {
+        UpstreamResponse {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    /// A fake upstream that counts calls and answers from a script.
+    #[derive(Clone)]
+    struct Upstream {
+        calls: Arc<AtomicUsize>,
+        answers: Arc<Mutex<Vec<Result<UpstreamResponse, GatewayError>>>>,
+        delay: Duration,
+    }
+
+    impl Upstream {
+        fn new(delay: Duration) -> Self {
+            Upstream {
+                calls: Arc::default(),
+                answers: Arc::default(),
+                delay,
+            }
+        }
+
+        /// Queues answers; the last one repeats.
+        fn then(&self, answer: Result<UpstreamResponse, GatewayError>) -> &Self {
+            self.answers.lock().unwrap().insert(0, answer);
+            self
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn fetch(
+            &self,
+        ) -> impl FnOnce() -> std::pin::Pin<
+            Box<dyn Future<Output = Result<UpstreamResponse, GatewayError>> + Send>,
+        > + Send
+               + 'static {
+            let this = self.clone();
+            move || {
+                Box::pin(async move {
+                    this.calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(this.delay).await;
+                    let mut answers = this.answers.lock().unwrap();
+                    match answers.len() {
+                        0 => panic!("no scripted answer"),
+                        1 => clone_answer(&answers[0]),
+                        _ => answers.pop().unwrap(),
+                    }
+                })
+            }
+        }
+    }
+
+    fn clone_answer(
+        a: &Result<UpstreamResponse, GatewayError>,
+    ) -> Result<UpstreamResponse, GatewayError> {
+        match a {
+            Ok(r) => Ok(r.clone()),
+            Err(_) => Err(timeout_error()),
+        }
+    }
+
+    fn timeout_error() -> GatewayError {
+        GatewayError::UpstreamTimeout {
+            api: "roma",
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    async fn get(cache: &Cache, up: &Upstream, job: &str) -> Result<Answer, Arc<GatewayError>> {
+        cache.get(key(job), Api::Roma, "p", up.fetch()).await
+    }
+
+    fn body(answer: &Answer) -> &str {
+        std::str::from_utf8(&answer.stored.body).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn running_answer_is_fresh_for_the_ttl_then_refetched() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::ZERO);
+        up.then(Ok(response(200, RUNNING)));
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Miss
+        );
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Hit
+        );
+        assert_eq!(up.calls(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Miss
+        );
+        assert_eq!(up.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminal_result_is_never_refetched() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::ZERO);
+        up.then(Ok(response(200, DONE)));
+        get(&cache, &up, "j").await.unwrap();
+        for _ in 0..100 {
+            tokio::time::advance(Duration::from_secs(3600)).await;
+            assert_eq!(
+                get(&cache, &up, "j").await.unwrap().status,
+                CacheStatus::Hit
+            );
+        }
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_found_is_remembered_for_the_negative_ttl() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::ZERO);
+        up.then(Ok(response(404, "{}")))
+            .then(Ok(response(200, RUNNING)));
+        assert_eq!(get(&cache, &up, "j").await.unwrap().stored.status, 404);
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Hit
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let answer = get(&cache, &up, "j").await.unwrap();
+        assert_eq!(
+            (answer.stored.status, answer.status),
+            (StatusCode::OK, CacheStatus::Miss)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_and_refusals_are_never_stored() {
+        for status in [401, 403, 500, 502, 503] {
+            let cache = Cache::new(policy());
+            let up = Upstream::new(Duration::ZERO);
+            up.then(Ok(response(status, r#"{"error_code":"X"}"#)));
+            for _ in 0..3 {
+                let answer = get(&cache, &up, "j").await.unwrap();
+                assert_eq!(
+                    (answer.stored.status.as_u16(), answer.status),
+                    (status, CacheStatus::Miss)
+                );
+            }
+            assert_eq!(up.calls(), 3, "status {status}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_share_one_fetch() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::from_millis(20));
+        up.then(Ok(response(200, RUNNING)));
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (cache, up) = (cache.clone(), up.clone());
+                tokio::spawn(async move { get(&cache, &up, "j").await.unwrap().status })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap());
+        }
+        assert_eq!(up.calls(), 1);
+        assert_eq!(
+            statuses.iter().filter(|s| **s == CacheStatus::Miss).count(),
+            1
+        );
+        assert_eq!(
+            statuses
+                .iter()
+                .filter(|s| **s == CacheStatus::Coalesced)
+                .count(),
+            99
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gives_up_after_the_wait_timeout_but_the_fetch_lands() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::from_secs(8));
+        up.then(Ok(response(200, RUNNING)));
+        let err = get(&cache, &up, "j").await.unwrap_err();
+        assert!(matches!(*err, GatewayError::WaitTimeout(_)));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Hit
+        );
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_requester_does_not_cancel_the_fetch() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::from_millis(100));
+        up.then(Ok(response(200, DONE)));
+        let first = tokio::spawn({
+            let (cache, up) = (cache.clone(), up.clone());
+            async move { get(&cache, &up, "j").await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        first.abort();
+        let answer = get(&cache, &up, "j").await.unwrap();
+        assert_eq!(answer.status, CacheStatus::Coalesced);
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
+        let cache = Cache::new(CachePolicy {
+            stale_while_revalidate: Duration::from_secs(2),
+            ..policy()
+        });
+        let up = Upstream::new(Duration::from_millis(50));
+        up.then(Ok(response(200, RUNNING)))
+            .then(Ok(response(200, DONE)));
+        get(&cache, &up, "j").await.unwrap();
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        for _ in 0..10 {
+            let answer = get(&cache, &up, "j").await.unwrap();
+            assert_eq!(answer.status, CacheStatus::Stale);
+            assert_eq!(body(&answer), RUNNING);
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(up.calls(), 2);
+        let answer = get(&cache, &up, "j").await.unwrap();
+        assert_eq!((answer.status, body(&answer)), (CacheStatus::Hit, DONE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_if_error_serves_the_last_answer_within_the_window() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::ZERO);
+        up.then(Ok(response(200, RUNNING)))
+            .then(Ok(response(503, "{}")))
+            .then(Err(timeout_error()));
+        get(&cache, &up, "j").await.unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let answer = get(&cache, &up, "j").await.unwrap();
+        assert_eq!(
+            (answer.status, body(&answer)),
+            (CacheStatus::Stale, RUNNING)
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let answer = get(&cache, &up, "j").await.unwrap();
+        assert_eq!(
+            (answer.status, body(&answer)),
+            (CacheStatus::Stale, RUNNING)
+        );
+        // 1 s fresh + 10 s stale-if-error have passed: the error shows.
+        tokio::time::advance(Duration::from_secs(7)).await;
+        let err = get(&cache, &up, "j").await.unwrap_err();
+        assert!(matches!(*err, GatewayError::UpstreamTimeout { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_429_backs_off_serves_stale_and_then_recovers() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::ZERO);
+        let mut throttled = response(429, r#"{"error_code":"APIGW.0308"}"#);
+        throttled
+            .headers
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("4"));
+        up.then(Ok(response(200, RUNNING)))
+            .then(Ok(throttled))
+            .then(Ok(response(200, DONE)));
+        get(&cache, &up, "j").await.unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // The 429 falls back to the stale answer and starts a 4 s backoff.
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Stale
+        );
+        assert_eq!(up.calls(), 2);
+        // During the backoff: stale where there is one, 429 where there is none.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Stale
+        );
+        let err = get(&cache, &up, "other").await.unwrap_err();
+        assert!(
+            matches!(*err, GatewayError::Throttled { retry_after, .. } if retry_after == Duration::from_secs(3))
+        );
+        assert_eq!(up.calls(), 2);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let answer = get(&cache, &up, "j").await.unwrap();
+        assert_eq!((answer.status, body(&answer)), (CacheStatus::Miss, DONE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_backoff_does_not_pin_a_stale_answer_forever() {
+        let cache = Cache::new(CachePolicy {
+            retry_after_max: Duration::from_secs(600),
+            ..policy()
+        });
+        let up = Upstream::new(Duration::ZERO);
+        let mut throttled = response(429, "{}");
+        throttled
+            .headers
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("300"));
+        up.then(Ok(response(200, RUNNING))).then(Ok(throttled));
+        get(&cache, &up, "j").await.unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            get(&cache, &up, "j").await.unwrap().status,
+            CacheStatus::Stale
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let err = get(&cache, &up, "j").await.unwrap_err();
+        assert!(matches!(*err, GatewayError::Throttled { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_without_stale_answer_passes_with_retry_after() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::ZERO);
+        up.then(Ok(response(429, "{}")));
+        let answer = get(&cache, &up, "j").await.unwrap();
+        assert_eq!(answer.stored.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(answer.stored.retry_after.as_ref().unwrap(), "3");
+    }
+
+    #[tokio::test]
+    async fn the_byte_budget_evicts() {
+        let cache = Cache::new(CachePolicy {
+            max_bytes: 64 * 1024,
+            ..policy()
+        });
+        let up = Upstream::new(Duration::ZERO);
+        let big = format!(r#"{{"status":"SUCCEEDED","pad":"{}"}}"#, "x".repeat(4000));
+        up.then(Ok(response(200, &big)));
+        for i in 0..100 {
+            get(&cache, &up, &format!("j{i}")).await.unwrap();
+        }
+        let (entries, bytes) = cache.usage();
+        assert!(bytes <= 64 * 1024, "{bytes} bytes stored");
+        assert!(entries < 100 && entries > 0, "{entries} entries");
+    }
+
+    #[test]
+    fn keys_separate_languages_projects_and_credentials() {
+        let route = |project| Route {
+            api: Api::Drs,
+            project,
+            instance: None,
+            job: "j",
+        };
+        let base = CacheKey::new(&route("p"), Some("en-us"), "token:a");
+        assert_ne!(base, CacheKey::new(&route("p"), Some("zh-cn"), "token:a"));
+        assert_ne!(base, CacheKey::new(&route("q"), Some("en-us"), "token:a"));
+        assert_ne!(base, CacheKey::new(&route("p"), Some("en-us"), "token:b"));
+        assert_ne!(base, CacheKey::new(&route("p"), None, "token:a"));
+        assert_eq!(base, CacheKey::new(&route("p"), Some("en-us"), "token:a"));
+    }
+}

@@ -1,0 +1,458 @@
+//! Configuration, read in two steps: the TOML file as written (`Raw*` serde
+//! structs, unknown keys refused) and the checked [`Config`] the gateway uses.
+//! Every error names the key and, where it can, the line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::credentials::{Credential, Method, Origin, SecretSource};
+use crate::policy::{CachePolicy, TerminalSets};
+use crate::route::{self, Api};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// toml's own message names the line, the column and the key.
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("line {line}: `{key}`: {message}")]
+    Invalid {
+        key: String,
+        line: usize,
+        message: String,
+    },
+}
+
+/// The checked configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub cache: CachePolicy,
+    /// By project ID.
+    pub projects: HashMap<String, Project>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    pub max_body: usize,
+}
+
+/// A served project: the region's base URLs and the credential to use there.
+#[derive(Debug)]
+pub struct Project {
+    pub id: String,
+    /// `scheme://authority`, no trailing slash.
+    pub drs: String,
+    pub roma: String,
+    pub credential: Arc<Credential>,
+}
+
+impl Project {
+    pub fn base(&self, api: Api) -> &str {
+        match api {
+            Api::Drs => &self.drs,
+            Api::Roma => &self.roma,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: SocketAddr,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    regions: BTreeMap<String, RawRegion>,
+    #[serde(default)]
+    credentials: BTreeMap<String, Spanned<RawCredential>>,
+    #[serde(default)]
+    projects: Vec<RawProject>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+    max_body: ByteSize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 64,
+            max_body: ByteSize::mib(1),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    #[serde(with = "humantime_serde")]
+    running_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    not_found_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    stale_while_revalidate: Duration,
+    #[serde(with = "humantime_serde")]
+    stale_if_error: Duration,
+    #[serde(with = "humantime_serde")]
+    wait_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    retry_after_default: Duration,
+    #[serde(with = "humantime_serde")]
+    retry_after_max: Duration,
+    #[serde(with = "humantime_serde")]
+    terminal_idle: Option<Duration>,
+    max_bytes: ByteSize,
+    drs_terminal: Vec<String>,
+    roma_terminal: Vec<String>,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        let p = CachePolicy::default();
+        RawCache {
+            running_ttl: p.running_ttl,
+            not_found_ttl: p.not_found_ttl,
+            stale_while_revalidate: p.stale_while_revalidate,
+            stale_if_error: p.stale_if_error,
+            wait_timeout: p.wait_timeout,
+            retry_after_default: p.retry_after_default,
+            retry_after_max: p.retry_after_max,
+            terminal_idle: p.terminal_idle,
+            max_bytes: ByteSize::b(p.max_bytes),
+            drs_terminal: p.terminal.drs,
+            roma_terminal: p.terminal.roma,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    drs: Spanned<String>,
+    roma: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+enum RawCredential {
+    Token {
+        token_env: Option<String>,
+        token_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProject {
+    id: Spanned<String>,
+    region: Spanned<String>,
+    credential: Spanned<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let invalid = |key: String, span: std::ops::Range<usize>, message: String| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            ConfigError::Invalid { key, line, message }
+        };
+
+        let mut credentials = HashMap::new();
+        for (name, raw_credential) in &raw.credentials {
+            let key = format!("credentials.{name}");
+            let method = match raw_credential.get_ref() {
+                RawCredential::Token {
+                    token_env,
+                    token_file,
+                } => Method::Token(SecretSource::new(
+                    one_origin(token_env, token_file).map_err(|m| {
+                        invalid(
+                            key.clone(),
+                            raw_credential.span(),
+                            format!("{m} (token_env or token_file)"),
+                        )
+                    })?,
+                )),
+            };
+            credentials.insert(name.clone(), Arc::new(Credential::new(name, method)));
+        }
+
+        let mut regions = HashMap::new();
+        for (name, region) in &raw.regions {
+            let drs = base_url(region.drs.get_ref())
+                .map_err(|m| invalid(format!("regions.{name}.drs"), region.drs.span(), m))?;
+            let roma = base_url(region.roma.get_ref())
+                .map_err(|m| invalid(format!("regions.{name}.roma"), region.roma.span(), m))?;
+            regions.insert(name.clone(), (drs, roma));
+        }
+
+        let mut projects = HashMap::new();
+        for (i, project) in raw.projects.iter().enumerate() {
+            let at = |field: &str| format!("projects[{i}].{field}");
+            let id = project.id.get_ref();
+            if id.is_empty()
+                || id.len() > route::MAX_SEGMENT_LEN
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(invalid(
+                    at("id"),
+                    project.id.span(),
+                    "a project ID is 1 to 64 characters of [A-Za-z0-9_-]".into(),
+                ));
+            }
+            let (drs, roma) = regions.get(project.region.get_ref()).ok_or_else(|| {
+                invalid(
+                    at("region"),
+                    project.region.span(),
+                    format!("no [regions.{}] is defined", project.region.get_ref()),
+                )
+            })?;
+            let credential = credentials
+                .get(project.credential.get_ref())
+                .ok_or_else(|| {
+                    invalid(
+                        at("credential"),
+                        project.credential.span(),
+                        format!(
+                            "no [credentials.{}] is defined",
+                            project.credential.get_ref()
+                        ),
+                    )
+                })?;
+            let served = Project {
+                id: id.clone(),
+                drs: drs.clone(),
+                roma: roma.clone(),
+                credential: credential.clone(),
+            };
+            if projects.insert(id.clone(), served).is_some() {
+                return Err(invalid(
+                    at("id"),
+                    project.id.span(),
+                    format!("project {id} is listed twice"),
+                ));
+            }
+        }
+
+        let c = raw.cache;
+        let whole = |key: &str, message: &str| ConfigError::Invalid {
+            key: key.into(),
+            line: key_line(text, key),
+            message: message.into(),
+        };
+        if c.wait_timeout.is_zero() {
+            return Err(whole("wait_timeout", "must be more than zero"));
+        }
+        if raw.upstream.request_timeout.is_zero() {
+            return Err(whole("request_timeout", "must be more than zero"));
+        }
+        let u = raw.upstream;
+        Ok(Config {
+            listen: raw.listen,
+            upstream: UpstreamConfig {
+                connect_timeout: u.connect_timeout,
+                request_timeout: u.request_timeout,
+                pool_idle_timeout: u.pool_idle_timeout,
+                pool_max_idle_per_host: u.pool_max_idle_per_host,
+                max_body: usize::try_from(u.max_body.as_u64()).unwrap_or(usize::MAX),
+            },
+            cache: CachePolicy {
+                running_ttl: c.running_ttl,
+                not_found_ttl: c.not_found_ttl,
+                stale_while_revalidate: c.stale_while_revalidate,
+                stale_if_error: c.stale_if_error,
+                wait_timeout: c.wait_timeout,
+                retry_after_default: c.retry_after_default,
+                retry_after_max: c.retry_after_max,
+                terminal_idle: c.terminal_idle,
+                max_bytes: c.max_bytes.as_u64(),
+                terminal: TerminalSets {
+                    drs: c.drs_terminal,
+                    roma: c.roma_terminal,
+                },
+            },
+            projects,
+        })
+    }
+}
+
+/// The line where a bare `key =` first appears (for checks on whole tables).
+fn key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .map_or(0, |i| i + 1)
+}
+
+/// Exactly one of an environment variable or a file.
+fn one_origin(env: &Option<String>, file: &Option<PathBuf>) -> Result<Origin, &'static str> {
+    match (env, file) {
+        (Some(var), None) => Ok(Origin::Env(var.clone())),
+        (None, Some(path)) => Ok(Origin::File(path.clone())),
+        (None, None) => Err("names no secret source"),
+        (Some(_), Some(_)) => Err("names two secret sources; keep one"),
+    }
+}
+
+/// An upstream base URL: http(s), a host, no path, query or credentials.
+fn base_url(url: &str) -> Result<String, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("https") | Some("http") => {}
+        _ => return Err("the scheme must be https (or http for local use)".into()),
+    }
+    let authority = uri.authority().ok_or("the URL has no host")?;
+    if authority.as_str().contains('@') {
+        return Err("credentials do not belong in the URL".into());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("the URL must be a base without path or query".into());
+    }
+    Ok(format!(
+        "{}://{}",
+        uri.scheme_str().unwrap_or("https"),
+        authority
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:0"
+
+[cache]
+running_ttl = "250ms"
+max_bytes = "64MiB"
+
+[regions.cn-north-4]
+drs = "https://drs.cn-north-4.myhuaweicloud.com"
+roma = "http://127.0.0.1:9000/"
+
+[credentials.main]
+kind = "token"
+token_env = "PGW_TOKEN"
+
+[[projects]]
+id = "0123456789abcdef0123456789abcdef"
+region = "cn-north-4"
+credential = "main"
+"#;
+
+    #[test]
+    fn a_good_config_is_checked_into_types() {
+        let config = Config::parse(GOOD).unwrap();
+        assert_eq!(config.cache.running_ttl, Duration::from_millis(250));
+        assert_eq!(config.cache.max_bytes, 64 * 1024 * 1024);
+        let project = &config.projects["0123456789abcdef0123456789abcdef"];
+        assert_eq!(project.drs, "https://drs.cn-north-4.myhuaweicloud.com");
+        assert_eq!(project.roma, "http://127.0.0.1:9000");
+        assert_eq!(project.credential.identity().as_ref(), "token:main");
+    }
+
+    fn error(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let text = GOOD.replace("running_ttl", "runing_ttl");
+        let e = error(&text);
+        assert!(e.contains("runing_ttl") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_and_sizes_are_named() {
+        let e = error(&GOOD.replace("\"250ms\"", "\"fast\""));
+        assert!(e.contains("line 5"), "{e}");
+        let e = error(&GOOD.replace("\"64MiB\"", "\"lots\""));
+        assert!(e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn dangling_references_name_the_key_and_line() {
+        let e = error(&GOOD.replace("region = \"cn-north-4\"", "region = \"eu-west-0\""));
+        assert!(
+            e.contains("projects[0].region") && e.contains("line 18") && e.contains("eu-west-0"),
+            "{e}"
+        );
+        let e = error(&GOOD.replace("credential = \"main\"", "credential = \"other\""));
+        assert!(e.contains("projects[0].credential"), "{e}");
+    }
+
+    #[test]
+    fn base_urls_are_checked() {
+        let e = error(&GOOD.replace("https://drs.cn-north-4.myhuaweicloud.com", "ftp://x"));
+        assert!(
+            e.contains("regions.cn-north-4.drs") && e.contains("line 9"),
+            "{e}"
+        );
+        let e = error(&GOOD.replace("http://127.0.0.1:9000/", "http://127.0.0.1:9000/v2"));
+        assert!(e.contains("regions.cn-north-4.roma"), "{e}");
+    }
+
+    #[test]
+    fn a_credential_needs_exactly_one_source() {
+        let e = error(&GOOD.replace("token_env = \"PGW_TOKEN\"", ""));
+        assert!(
+            e.contains("credentials.main") && e.contains("names no secret source"),
+            "{e}"
+        );
+        let e = error(&GOOD.replace("token_env = \"PGW_TOKEN\"", "token = \"inline\""));
+        assert!(e.contains("token"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_projects_are_refused() {
+        let twice = format!("{GOOD}\n[[projects]]\nid = \"0123456789abcdef0123456789abcdef\"\nregion = \"cn-north-4\"\ncredential = \"main\"\n");
+        assert!(error(&twice).contains("listed twice"));
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../config/gateway.toml");
+        Config::parse(text).unwrap();
+    }
+}

@@ -1,0 +1,201 @@
+//! Errors the gateway itself answers with, each mapped to a status and a
+//! Huawei-shaped `error_code` in one place.
+//!
+//! The official SDKs read `error_code`/`error_msg` from the body and the request id
+//! from the `X-Request-Id` header, so every gateway error carries both.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::route::RouteError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Everything that makes the gateway answer with an error of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no such route: only GET /v5/{{project_id}}/jobs/{{async_job_id}}/export/progress and GET /v2/{{project_id}}/instances/{{instance_id}}/assets/jobs/{{job_id}} are served")]
+    NoRoute,
+    #[error("method not allowed: use GET or HEAD")]
+    MethodNotAllowed,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("project {0} is not served by this gateway")]
+    ProjectNotServed(String),
+    #[error("missing or unknown consumer key")]
+    ConsumerUnauthorized,
+    #[error("consumer may not use project {0}")]
+    ConsumerForbidden(String),
+    #[error("no usable upstream credential for project {project}: {reason}")]
+    CredentialUnavailable { project: String, reason: String },
+    #[error("upstream {api} unreachable: {source}")]
+    UpstreamUnreachable {
+        api: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("upstream {api} sent an unusable answer: {reason}")]
+    UpstreamInvalid { api: &'static str, reason: String },
+    #[error("upstream {api} did not answer within {}", humantime::format_duration(*.timeout))]
+    UpstreamTimeout {
+        api: &'static str,
+        timeout: Duration,
+    },
+    #[error("timed out after {} waiting for the shared upstream request", humantime::format_duration(*.0))]
+    WaitTimeout(Duration),
+    #[error("upstream {api} is throttling this project; retry after {} s", retry_after.as_secs())]
+    Throttled {
+        api: &'static str,
+        retry_after: Duration,
+    },
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+impl From<RouteError> for GatewayError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::NotFound => GatewayError::NoRoute,
+            RouteError::MethodNotAllowed => GatewayError::MethodNotAllowed,
+            RouteError::Malformed(why) => GatewayError::BadRequest(why),
+        }
+    }
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NoRoute => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::ProjectNotServed(_) | GatewayError::ConsumerForbidden(_) => {
+                StatusCode::FORBIDDEN
+            }
+            GatewayError::ConsumerUnauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::CredentialUnavailable { .. } | GatewayError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamInvalid { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout { .. } | GatewayError::WaitTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            GatewayError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// The `error_code`: `PGW.` and a number whose first three digits are the status.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::NoRoute => "PGW.4040",
+            GatewayError::MethodNotAllowed => "PGW.4050",
+            GatewayError::BadRequest(_) => "PGW.4000",
+            GatewayError::ProjectNotServed(_) => "PGW.4030",
+            GatewayError::ConsumerForbidden(_) => "PGW.4031",
+            GatewayError::ConsumerUnauthorized => "PGW.4010",
+            GatewayError::CredentialUnavailable { .. } => "PGW.5030",
+            GatewayError::ShuttingDown => "PGW.5031",
+            GatewayError::UpstreamUnreachable { .. } => "PGW.5020",
+            GatewayError::UpstreamInvalid { .. } => "PGW.5021",
+            GatewayError::UpstreamTimeout { .. } => "PGW.5040",
+            GatewayError::WaitTimeout(_) => "PGW.5041",
+            GatewayError::Throttled { .. } => "PGW.4290",
+        }
+    }
+
+    /// The message with its cause chain, as the client and the log see it.
+    /// Causes are transport errors; no credential is ever part of one.
+    pub fn message(&self) -> String {
+        use std::error::Error;
+        let mut msg = self.to_string();
+        let mut cause = self.source().and_then(|s| s.source());
+        while let Some(c) = cause {
+            msg.push_str(": ");
+            msg.push_str(&c.to_string());
+            cause = c.source();
+        }
+        msg
+    }
+
+    /// The Huawei-shaped answer for this error.
+    pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "error_code": self.code(),
+            "error_msg": self.message(),
+            "request_id": request_id,
+        });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert("x-request-id", id);
+        }
+        match self {
+            GatewayError::MethodNotAllowed => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            GatewayError::Throttled { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up so a client never retries early.
+pub fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn error_body_has_huawei_shape_and_request_id_header() {
+        let response = GatewayError::ProjectNotServed("abc".into()).to_response("req-1");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert_eq!(response.headers()["x-request-id"], "req-1");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error_code"], "PGW.4030");
+        assert_eq!(json["request_id"], "req-1");
+        assert!(json["error_msg"].as_str().unwrap().contains("abc"));
+    }
+
+    #[test]
+    fn codes_start_with_their_status() {
+        let errors = [
+            GatewayError::NoRoute,
+            GatewayError::MethodNotAllowed,
+            GatewayError::BadRequest("x"),
+            GatewayError::WaitTimeout(Duration::from_secs(1)),
+            GatewayError::Throttled {
+                api: "drs",
+                retry_after: Duration::from_secs(1),
+            },
+        ];
+        for e in errors {
+            assert!(e.code()[4..].starts_with(e.status().as_str()), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_value(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_value(Duration::from_secs(3)), "3");
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
+    }
+}

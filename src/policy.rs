@@ -1,0 +1,408 @@
+//! Cache decisions as pure functions: what an upstream answer means for the job
+//! ([`classify`]), how long it stays good ([`freshness`]), how long to back off
+//! after a 429 ([`retry_after`]). No I/O and no clock here; callers pass ages.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+use crate::route::Api;
+
+/// What a stored upstream answer says about its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// 200 with a terminal status: the answer will never change.
+    Terminal,
+    /// 200 with a running, unknown or unreadable status.
+    Running,
+    /// 404: a just-created job may be unknown for a moment.
+    NotFound,
+    /// Anything else (401, 403, 429, 5xx, ...): passed on, never stored.
+    Uncacheable,
+}
+
+/// How a client's answer was produced; sent as `X-Cache` and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from a fresh stored answer.
+    Hit,
+    /// This request's own upstream fetch produced the answer.
+    Miss,
+    /// Waited for another request's upstream fetch and shared its answer.
+    Coalesced,
+    /// Served a stored answer past its freshness (revalidating, or upstream failing).
+    Stale,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Coalesced => "COALESCED",
+            CacheStatus::Stale => "STALE",
+        }
+    }
+}
+
+/// Status values that end a job, per API, compared case-insensitively.
+#[derive(Debug, Clone)]
+pub struct TerminalSets {
+    pub drs: Vec<String>,
+    pub roma: Vec<String>,
+}
+
+impl Default for TerminalSets {
+    fn default() -> Self {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        TerminalSets {
+            // Sibling DRS v5 async APIs answer pending / success / failed.
+            drs: owned(&["success", "succeeded", "failed", "failure", "fail", "error"]),
+            // The SDK documents SUCCEEDED/FAILED; older region docs Success/Finished.
+            roma: owned(&["succeeded", "success", "failed", "finished"]),
+        }
+    }
+}
+
+/// Freshness and storage settings, checked from `[cache]` in the config.
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    /// How long a running job's answer is served without asking upstream.
+    pub running_ttl: Duration,
+    /// How long a 404 is remembered.
+    pub not_found_ttl: Duration,
+    /// After freshness ends, serve the old answer at once while one refresh runs.
+    pub stale_while_revalidate: Duration,
+    /// After freshness ends, serve the old answer when upstream fails or throttles.
+    pub stale_if_error: Duration,
+    /// Longest a request waits for a shared upstream fetch.
+    pub wait_timeout: Duration,
+    /// Backoff after a 429 that names no `Retry-After`.
+    pub retry_after_default: Duration,
+    /// Upper bound on any backoff, whatever upstream asks for.
+    pub retry_after_max: Duration,
+    /// Drop a terminal answer nobody asked for in this long (None: only capacity evicts).
+    pub terminal_idle: Option<Duration>,
+    /// Memory budget for stored answers, in bytes.
+    pub max_bytes: u64,
+    pub terminal: TerminalSets,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy {
+            running_ttl: Duration::from_secs(1),
+            not_found_ttl: Duration::from_secs(1),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::from_secs(300),
+            wait_timeout: Duration::from_secs(15),
+            retry_after_default: Duration::from_secs(5),
+            retry_after_max: Duration::from_secs(300),
+            terminal_idle: None,
+            max_bytes: 256 * 1024 * 1024,
+            terminal: TerminalSets::default(),
+        }
+    }
+}
+
+/// Classifies an upstream answer by its status code and, for 200, its JSON body.
+pub fn classify(api: Api, status: StatusCode, body: &[u8], sets: &TerminalSets) -> Class {
+    match status {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Class::NotFound,
+        _ => return Class::Uncacheable,
+    }
+    // Borrowed where the JSON has no escapes; an unreadable body is simply "running".
+    #[derive(Deserialize)]
+    struct Progress<'a> {
+        #[serde(borrow, default)]
+        process_status: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        status: Option<std::borrow::Cow<'a, str>>,
+    }
+    let Ok(progress) = serde_json::from_slice::<Progress>(body) else {
+        return Class::Running;
+    };
+    let (value, set) = match api {
+        Api::Drs => (progress.process_status, &sets.drs),
+        Api::Roma => (progress.status, &sets.roma),
+    };
+    match value {
+        Some(v) if set.iter().any(|t| t.eq_ignore_ascii_case(v.trim())) => Class::Terminal,
+        _ => Class::Running,
+    }
+}
+
+/// Where a stored answer of a given age stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve it; `remaining` is left (`None`: forever).
+    Fresh { remaining: Option<Duration> },
+    /// Serve it at once, but start one background refresh.
+    Revalidate,
+    /// Too old to serve, except when upstream fails.
+    StaleIfError,
+    /// Useless: fetch, and do not fall back to it.
+    Expired,
+}
+
+impl CachePolicy {
+    /// How long an answer of this class is fresh (`None`: forever; zero: never stored).
+    pub fn fresh_for(&self, class: Class) -> Option<Duration> {
+        match class {
+            Class::Terminal => None,
+            Class::Running => Some(self.running_ttl),
+            Class::NotFound => Some(self.not_found_ttl),
+            Class::Uncacheable => Some(Duration::ZERO),
+        }
+    }
+
+    /// How long the store must keep an answer, freshness plus stale windows.
+    pub fn keep_for(&self, class: Class) -> Option<Duration> {
+        self.fresh_for(class)
+            .map(|fresh| fresh + self.stale_while_revalidate.max(self.stale_if_error))
+    }
+}
+
+/// Where an answer of `class` stands `age` after it was stored.
+pub fn freshness(policy: &CachePolicy, class: Class, age: Duration) -> Freshness {
+    let Some(fresh) = policy.fresh_for(class) else {
+        return Freshness::Fresh { remaining: None };
+    };
+    if class == Class::Uncacheable {
+        return Freshness::Expired;
+    }
+    if age < fresh {
+        return Freshness::Fresh {
+            remaining: Some(fresh - age),
+        };
+    }
+    let over = age - fresh;
+    if over < policy.stale_while_revalidate {
+        Freshness::Revalidate
+    } else if over < policy.stale_if_error {
+        Freshness::StaleIfError
+    } else {
+        Freshness::Expired
+    }
+}
+
+/// The backoff a 429 asks for: `Retry-After` as seconds or an HTTP date
+/// (RFC 9110 §10.2.3), else `default`; never more than `max`.
+pub fn retry_after(
+    headers: &HeaderMap,
+    now: SystemTime,
+    default: Duration,
+    max: Duration,
+) -> Duration {
+    let parsed = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let v = v.trim();
+            match v.parse::<u64>() {
+                Ok(secs) => Some(Duration::from_secs(secs)),
+                Err(_) => httpdate::parse_http_date(v)
+                    .ok()
+                    .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO)),
+            }
+        });
+    parsed.unwrap_or(default).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(api: Api, status: u16, body: &str) -> Class {
+        classify(
+            api,
+            StatusCode::from_u16(status).unwrap(),
+            body.as_bytes(),
+            &TerminalSets::default(),
+        )
+    }
+
+    #[test]
+    fn roma_statuses_are_classified_case_insensitively() {
+        for status in [
+            "SUCCEEDED",
+            "Succeeded",
+            "FAILED",
+            "failed",
+            "Success",
+            "FINISHED",
+        ] {
+            let body = format!(r#"{{"id":"j","status":"{status}","progress_percent":1.0}}"#);
+            assert_eq!(class(Api::Roma, 200, &body), Class::Terminal, "{status}");
+        }
+        for status in ["RUNNING", "Running", "QUEUED", ""] {
+            let body = format!(r#"{{"status":"{status}"}}"#);
+            assert_eq!(class(Api::Roma, 200, &body), Class::Running, "{status}");
+        }
+    }
+
+    #[test]
+    fn drs_reads_process_status_not_status() {
+        assert_eq!(
+            class(Api::Drs, 200, r#"{"process_status":"pending"}"#),
+            Class::Running
+        );
+        assert_eq!(
+            class(Api::Drs, 200, r#"{"process_status":"success"}"#),
+            Class::Terminal
+        );
+        assert_eq!(
+            class(Api::Drs, 200, r#"{"process_status":"FAILED"}"#),
+            Class::Terminal
+        );
+        assert_eq!(
+            class(Api::Drs, 200, r#"{"status":"success"}"#),
+            Class::Running
+        );
+    }
+
+    #[test]
+    fn unreadable_bodies_are_running() {
+        for body in [
+            "",
+            "not json",
+            "[]",
+            r#"{"status":5}"#,
+            r#"{"process_status":null}"#,
+        ] {
+            assert_eq!(class(Api::Drs, 200, body), Class::Running, "{body}");
+            assert_eq!(class(Api::Roma, 200, body), Class::Running, "{body}");
+        }
+    }
+
+    #[test]
+    fn escaped_status_strings_still_classify() {
+        assert_eq!(
+            class(Api::Roma, 200, r#"{"status":"SUCCE\u0045DED"}"#),
+            Class::Terminal
+        );
+    }
+
+    #[test]
+    fn non_200_statuses_classify_by_code() {
+        assert_eq!(class(Api::Roma, 404, "{}"), Class::NotFound);
+        for status in [401, 403, 429, 500, 502, 503] {
+            assert_eq!(
+                class(Api::Roma, status, r#"{"status":"SUCCEEDED"}"#),
+                Class::Uncacheable
+            );
+        }
+    }
+
+    #[test]
+    fn custom_terminal_sets_apply() {
+        let sets = TerminalSets {
+            drs: vec!["done".into()],
+            roma: vec![],
+        };
+        let ok = StatusCode::OK;
+        assert_eq!(
+            classify(Api::Drs, ok, br#"{"process_status":"Done"}"#, &sets),
+            Class::Terminal
+        );
+        assert_eq!(
+            classify(Api::Drs, ok, br#"{"process_status":"success"}"#, &sets),
+            Class::Running
+        );
+        assert_eq!(
+            classify(Api::Roma, ok, br#"{"status":"SUCCEEDED"}"#, &sets),
+            Class::Running
+        );
+    }
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            running_ttl: Duration::from_secs(1),
+            not_found_ttl: Duration::from_secs(2),
+            stale_while_revalidate: Duration::from_secs(3),
+            stale_if_error: Duration::from_secs(10),
+            ..CachePolicy::default()
+        }
+    }
+
+    #[test]
+    fn terminal_answers_are_fresh_forever() {
+        let age = Duration::from_secs(365 * 24 * 3600);
+        assert_eq!(
+            freshness(&policy(), Class::Terminal, age),
+            Freshness::Fresh { remaining: None }
+        );
+        assert_eq!(policy().keep_for(Class::Terminal), None);
+    }
+
+    #[test]
+    fn running_answers_go_fresh_then_revalidate_then_stale_then_expired() {
+        let p = policy();
+        let at = |ms| freshness(&p, Class::Running, Duration::from_millis(ms));
+        assert_eq!(
+            at(0),
+            Freshness::Fresh {
+                remaining: Some(Duration::from_secs(1))
+            }
+        );
+        assert_eq!(
+            at(999),
+            Freshness::Fresh {
+                remaining: Some(Duration::from_millis(1))
+            }
+        );
+        assert_eq!(at(1000), Freshness::Revalidate);
+        assert_eq!(at(3999), Freshness::Revalidate);
+        assert_eq!(at(4000), Freshness::StaleIfError);
+        assert_eq!(at(10_999), Freshness::StaleIfError);
+        assert_eq!(at(11_000), Freshness::Expired);
+        assert_eq!(p.keep_for(Class::Running), Some(Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn not_found_uses_its_own_ttl() {
+        let p = policy();
+        assert!(matches!(
+            freshness(&p, Class::NotFound, Duration::from_millis(1500)),
+            Freshness::Fresh { .. }
+        ));
+        assert_eq!(
+            freshness(&p, Class::NotFound, Duration::from_secs(2)),
+            Freshness::Revalidate
+        );
+    }
+
+    #[test]
+    fn uncacheable_answers_are_never_fresh() {
+        assert_eq!(
+            freshness(&policy(), Class::Uncacheable, Duration::ZERO),
+            Freshness::Expired
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_dates_default_and_cap() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let default = Duration::from_secs(5);
+        let max = Duration::from_secs(60);
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+            retry_after(&h, now, default, max)
+        };
+        assert_eq!(with("7"), Duration::from_secs(7));
+        assert_eq!(
+            with(&httpdate::fmt_http_date(now + Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            with(&httpdate::fmt_http_date(now - Duration::from_secs(30))),
+            Duration::ZERO
+        );
+        assert_eq!(with("3600"), max);
+        assert_eq!(with("soon"), default);
+        assert_eq!(retry_after(&HeaderMap::new(), now, default, max), default);
+    }
+}

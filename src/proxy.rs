@@ -1,0 +1,320 @@
+//! One client request's way through the gateway: request id, route, project,
+//! cache (which fetches upstream with the project's credential), response.
+//!
+//! [`Gateway::handle`] logs and turns errors into Huawei-shaped answers around
+//! [`Gateway::answer`], which returns `Result` and uses `?` freely.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{Empty, Full};
+use tokio::time::Instant;
+
+use crate::cache::{Answer, Cache, CacheKey};
+use crate::config::{Config, Project};
+use crate::error::GatewayError;
+use crate::policy::{freshness, CacheStatus, Class, Freshness};
+use crate::route::{self, Api, Route};
+use crate::upstream::{Upstream, UpstreamResponse};
+
+/// `max-age` sent for a terminal answer: it will not change, but a day keeps
+/// clients from holding it past a config change of the terminal sets.
+const TERMINAL_MAX_AGE: &str = "max-age=86400";
+
+const USER_AGENT: &str = concat!("progress-gateway/", env!("CARGO_PKG_VERSION"));
+
+/// The gateway's shared state: config, cache and upstream client.
+pub struct Gateway {
+    config: Config,
+    cache: Cache,
+    upstream: Upstream,
+}
+
+/// What the access log line reports beyond the response status.
+#[derive(Default)]
+struct Trace {
+    api: Option<Api>,
+    project: Option<String>,
+    cache: Option<CacheStatus>,
+    error: Option<&'static str>,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Arc<Self> {
+        Arc::new(Gateway {
+            cache: Cache::new(config.cache.clone()),
+            upstream: Upstream::new(&config.upstream),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Answers one request; never fails (errors become Huawei-shaped answers).
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+        let started = std::time::Instant::now();
+        let request_id = request_id(request.headers());
+        let mut trace = Trace::default();
+        let response = match self.answer(&request, &request_id, &mut trace).await {
+            Ok(response) => response,
+            Err(error) => {
+                trace.error = Some(error.code());
+                if error.status().is_server_error() {
+                    tracing::warn!(request_id = %request_id, error = %error.message(), "gateway error");
+                }
+                error.to_response(&request_id)
+            }
+        };
+        tracing::info!(
+            target: "progress_gateway::access",
+            method = %request.method(),
+            route = trace.api.map_or("-", Api::as_str),
+            project = trace.project.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            cache = trace.cache.map_or("-", CacheStatus::as_str),
+            error = trace.error.unwrap_or("-"),
+            latency_us = started.elapsed().as_micros() as u64,
+            request_id = %request_id,
+        );
+        response
+    }
+
+    async fn answer<B>(
+        &self,
+        request: &Request<B>,
+        request_id: &str,
+        trace: &mut Trace,
+    ) -> Result<Response<Full<Bytes>>, Arc<GatewayError>> {
+        let route =
+            route::parse(request.method(), request.uri().path()).map_err(GatewayError::from)?;
+        trace.api = Some(route.api);
+        trace.project = Some(route.project.to_string());
+        let project = self
+            .config
+            .projects
+            .get(route.project)
+            .ok_or_else(|| GatewayError::ProjectNotServed(route.project.to_string()))?;
+        let language = language(request.headers())?;
+        let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
+        let fetch = self.fetcher(&route, project, language, request_id);
+        let answer = self.cache.get(key, route.api, route.project, fetch).await?;
+        trace.cache = Some(answer.status);
+        Ok(self.respond(&answer, request, request_id))
+    }
+
+    /// The detached upstream fetch for one key: owns everything it needs, and
+    /// reads the credential only when it runs (a rotated token is picked up).
+    fn fetcher(
+        &self,
+        route: &Route,
+        project: &Project,
+        language: Option<String>,
+        request_id: &str,
+    ) -> impl FnOnce() -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<UpstreamResponse, GatewayError>> + Send>,
+    > + Send
+           + 'static {
+        let uri = format!("{}{}", project.base(route.api), route.upstream_path());
+        let api = route.api;
+        let project_id = project.id.clone();
+        let credential = project.credential.clone();
+        let request_id = request_id.to_string();
+        let upstream = self.upstream.clone();
+        move || {
+            Box::pin(async move {
+                // Built from scratch: nothing the client sent reaches upstream
+                // except the validated path and a normalised X-Language.
+                let mut builder = Request::get(uri)
+                    .header(header::ACCEPT, "application/json")
+                    // Identity, so the cache can read the body.
+                    .header(header::ACCEPT_ENCODING, "identity")
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::USER_AGENT, USER_AGENT)
+                    .header("x-project-id", &project_id)
+                    .header("x-request-id", &request_id);
+                if let Some(language) = &language {
+                    builder = builder.header("x-language", language);
+                }
+                let mut request =
+                    builder
+                        .body(Empty::new())
+                        .map_err(|e| GatewayError::UpstreamInvalid {
+                            api: api.as_str(),
+                            reason: format!("cannot build the upstream request: {e}"),
+                        })?;
+                credential.authorize(&mut request).await.map_err(|reason| {
+                    GatewayError::CredentialUnavailable {
+                        project: project_id.clone(),
+                        reason,
+                    }
+                })?;
+                upstream.send(api, request).await
+            })
+        }
+    }
+
+    fn respond<B>(
+        &self,
+        answer: &Answer,
+        request: &Request<B>,
+        request_id: &str,
+    ) -> Response<Full<Bytes>> {
+        let stored = &answer.stored;
+        let cacheable = stored.class != Class::Uncacheable;
+        let age = Instant::now().saturating_duration_since(stored.stored_at);
+        let not_modified = cacheable && etag_matches(request.headers(), &stored.etag);
+
+        let mut response = Response::new(Full::new(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert("x-cache", HeaderValue::from_static(answer.status.as_str()));
+        headers.insert(
+            "x-request-id",
+            stored
+                .request_id
+                .clone()
+                .or_else(|| HeaderValue::from_str(request_id).ok())
+                .unwrap_or(HeaderValue::from_static("-")),
+        );
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert("x-gateway-request-id", id);
+        }
+        if cacheable {
+            headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+            headers.insert(
+                header::CACHE_CONTROL,
+                cache_control(self, stored.class, age),
+            );
+            headers.insert(header::ETAG, stored.etag.clone());
+        } else {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        if let Some(retry_after) = &stored.retry_after {
+            headers.insert(header::RETRY_AFTER, retry_after.clone());
+        }
+        if not_modified {
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            return response;
+        }
+        if let Some(content_type) = &stored.content_type {
+            headers.insert(header::CONTENT_TYPE, content_type.clone());
+        }
+        if request.method() == Method::HEAD {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
+        } else {
+            *response.body_mut() = Full::new(stored.body.clone());
+        }
+        *response.status_mut() = stored.status;
+        response
+    }
+}
+
+fn cache_control(gateway: &Gateway, class: Class, age: Duration) -> HeaderValue {
+    match freshness(gateway.cache.policy(), class, age) {
+        Freshness::Fresh { remaining: None } => HeaderValue::from_static(TERMINAL_MAX_AGE),
+        Freshness::Fresh {
+            remaining: Some(left),
+        } => HeaderValue::from_str(&format!("max-age={}", left.as_secs())).expect("digits"),
+        _ => HeaderValue::from_static("max-age=0"),
+    }
+}
+
+/// `If-None-Match` uses the weak comparison (RFC 9110 §13.1.2): `W/` is ignored.
+fn etag_matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let ours = etag.as_bytes();
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim())
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).as_bytes() == ours)
+}
+
+/// A client's `X-Request-Id` when it is sane, else a fresh one in Huawei's style.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// `X-Language`, normalised (`zh_CN` → `zh-cn`); it is part of the cache key.
+fn language(headers: &HeaderMap) -> Result<Option<String>, GatewayError> {
+    let Some(value) = headers.get("x-language") else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| GatewayError::BadRequest("X-Language is not ASCII"))?
+        .trim()
+        .to_ascii_lowercase()
+        .replace('_', "-");
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > 16 || !value.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+        return Err(GatewayError::BadRequest(
+            "X-Language must be a language tag such as en-us",
+        ));
+    }
+    Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn languages_are_normalised_or_refused() {
+        assert_eq!(
+            language(&headers("x-language", " zh_CN "))
+                .unwrap()
+                .as_deref(),
+            Some("zh-cn")
+        );
+        assert_eq!(language(&HeaderMap::new()).unwrap(), None);
+        assert!(language(&headers("x-language", "en-us;q=1")).is_err());
+    }
+
+    #[test]
+    fn sane_client_request_ids_are_reused() {
+        assert_eq!(request_id(&headers("x-request-id", "abc-123")), "abc-123");
+        let generated = request_id(&headers("x-request-id", "bad id with spaces"));
+        assert_eq!(generated.len(), 32);
+        assert!(generated.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly_and_in_lists() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        assert!(etag_matches(&headers("if-none-match", "\"abc\""), &etag));
+        assert!(etag_matches(
+            &headers("if-none-match", "\"x\", W/\"abc\""),
+            &etag
+        ));
+        assert!(etag_matches(&headers("if-none-match", "*"), &etag));
+        assert!(!etag_matches(&headers("if-none-match", "\"abd\""), &etag));
+        assert!(!etag_matches(&HeaderMap::new(), &etag));
+    }
+}

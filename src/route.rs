@@ -1,0 +1,214 @@
+//! The gateway's two routes, recognised by a `match` over path segments.
+//!
+//! Anything that is not exactly one of the two progress endpoints is refused here,
+//! before any cache or upstream work: the gateway must not become a general proxy
+//! carrying its credentials to other Huawei Cloud APIs.
+
+use http::Method;
+
+/// Which upstream API a request belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// DRS v5 `ShowExportProgress`.
+    Drs,
+    /// ROMA Connect `CheckAssetJobStatus`.
+    Roma,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Drs => "drs",
+            Api::Roma => "roma",
+        }
+    }
+}
+
+/// A recognised request, borrowing its identifiers from the request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub api: Api,
+    pub project: &'a str,
+    /// Present for ROMA only.
+    pub instance: Option<&'a str>,
+    pub job: &'a str,
+}
+
+impl Route<'_> {
+    /// The upstream path: rebuilt from validated segments, never copied from the client.
+    pub fn upstream_path(&self) -> String {
+        match (self.api, self.instance) {
+            (Api::Roma, Some(instance)) => format!(
+                "/v2/{}/instances/{}/assets/jobs/{}",
+                self.project, instance, self.job
+            ),
+            _ => format!("/v5/{}/jobs/{}/export/progress", self.project, self.job),
+        }
+    }
+}
+
+/// Why a request does not match a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteError {
+    /// Not one of the two endpoints.
+    NotFound,
+    /// A known endpoint with a method other than GET or HEAD.
+    MethodNotAllowed,
+    /// A known endpoint shape whose identifiers are unacceptable.
+    Malformed(&'static str),
+}
+
+/// Longest identifier accepted. Huawei's IDs are 32 hex characters or UUIDs (36).
+pub const MAX_SEGMENT_LEN: usize = 64;
+
+/// Matches `method` and `path` (without query) against the two routes.
+pub fn parse<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, RouteError> {
+    let route = match_path(path)?;
+    if method != Method::GET && method != Method::HEAD {
+        return Err(RouteError::MethodNotAllowed);
+    }
+    for id in [Some(route.project), route.instance, Some(route.job)]
+        .into_iter()
+        .flatten()
+    {
+        check_segment(id)?;
+    }
+    Ok(route)
+}
+
+fn match_path(path: &str) -> Result<Route<'_>, RouteError> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(RouteError::NotFound);
+    };
+    // Collect at most 8 segments: both routes have 6 or 7, so a longer path is
+    // unknown without us walking an arbitrarily long one.
+    let mut segments = [""; 8];
+    let mut count = 0;
+    for segment in rest.split('/') {
+        if count == segments.len() {
+            return Err(RouteError::NotFound);
+        }
+        segments[count] = segment;
+        count += 1;
+    }
+    match &segments[..count] {
+        ["v5", project, "jobs", job, "export", "progress"] => Ok(Route {
+            api: Api::Drs,
+            project,
+            instance: None,
+            job,
+        }),
+        ["v2", project, "instances", instance, "assets", "jobs", job] => Ok(Route {
+            api: Api::Roma,
+            project,
+            instance: Some(instance),
+            job,
+        }),
+        // A trailing slash on a known route is a client mistake worth naming.
+        ["v5", _, "jobs", _, "export", "progress", ""]
+        | ["v2", _, "instances", _, "assets", "jobs", _, ""] => {
+            Err(RouteError::Malformed("trailing slash after the route"))
+        }
+        _ => Err(RouteError::NotFound),
+    }
+}
+
+fn check_segment(segment: &str) -> Result<(), RouteError> {
+    if segment.is_empty() {
+        return Err(RouteError::Malformed("empty path segment"));
+    }
+    if segment.len() > MAX_SEGMENT_LEN {
+        return Err(RouteError::Malformed(
+            "path segment longer than 64 characters",
+        ));
+    }
+    // The conservative charset also refuses `%` (encoded separators), `.` (`..`)
+    // and anything a shell or log reader could misread.
+    if !segment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(RouteError::Malformed(
+            "path segment has characters outside [A-Za-z0-9_-]",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DRS: &str = "/v5/0123456789abcdef0123456789abcdef/jobs/62a055ae-ce03-4232-beb6-46c83b8ef2b2/export/progress";
+    const ROMA: &str =
+        "/v2/0123456789abcdef0123456789abcdef/instances/11111111-2222/assets/jobs/ff8080814dbd65d7";
+
+    #[test]
+    fn drs_route_is_recognised() {
+        let route = parse(&Method::GET, DRS).unwrap();
+        assert_eq!(route.api, Api::Drs);
+        assert_eq!(route.project, "0123456789abcdef0123456789abcdef");
+        assert_eq!(route.job, "62a055ae-ce03-4232-beb6-46c83b8ef2b2");
+        assert_eq!(route.instance, None);
+        assert_eq!(route.upstream_path(), DRS);
+    }
+
+    #[test]
+    fn roma_route_is_recognised_for_head() {
+        let route = parse(&Method::HEAD, ROMA).unwrap();
+        assert_eq!(route.api, Api::Roma);
+        assert_eq!(route.instance, Some("11111111-2222"));
+        assert_eq!(route.job, "ff8080814dbd65d7");
+        assert_eq!(route.upstream_path(), ROMA);
+    }
+
+    #[test]
+    fn other_methods_on_known_paths_are_not_allowed() {
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
+            assert_eq!(parse(&method, DRS), Err(RouteError::MethodNotAllowed));
+        }
+    }
+
+    #[test]
+    fn unknown_paths_are_not_found() {
+        for path in [
+            "/",
+            "",
+            "/v5/p/jobs",
+            "/v5/p/jobs/j/export/progress/extra",
+            "/v3/p/jobs/j/export/progress",
+            "/v2/p/instances/i/assets/jobs",
+            "/v1/p/a/b/c/d/e/f/g/h/i/j",
+        ] {
+            assert_eq!(
+                parse(&Method::GET, path),
+                Err(RouteError::NotFound),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_segments_are_malformed() {
+        for path in [
+            "/v5//jobs/j/export/progress",
+            "/v5/p/jobs/../export/progress",
+            "/v5/p%2Fq/jobs/j/export/progress",
+            "/v5/p/jobs/j%2e/export/progress",
+            "/v5/p/jobs/j/export/progress/",
+            "/v2/p/instances/i;x/assets/jobs/j",
+        ] {
+            assert!(
+                matches!(parse(&Method::GET, path), Err(RouteError::Malformed(_))),
+                "{path}"
+            );
+        }
+        let long = format!("/v5/{}/jobs/j/export/progress", "a".repeat(65));
+        assert!(matches!(
+            parse(&Method::GET, &long),
+            Err(RouteError::Malformed(_))
+        ));
+        let max = format!("/v5/{}/jobs/j/export/progress", "a".repeat(64));
+        assert!(parse(&Method::GET, &max).is_ok());
+    }
+}
