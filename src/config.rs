@@ -12,9 +12,11 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::credentials::{Credential, Method, Origin, SecretSource};
+use crate::credentials::iam::IamPassword;
+use crate::credentials::{AkSk, Credential, Method, Origin, SecretSource};
 use crate::policy::{CachePolicy, TerminalSets};
 use crate::route::{self, Api};
+use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -171,6 +173,34 @@ enum RawCredential {
         token_env: Option<String>,
         token_file: Option<PathBuf>,
     },
+    Aksk {
+        ak_env: Option<String>,
+        ak_file: Option<PathBuf>,
+        sk_env: Option<String>,
+        sk_file: Option<PathBuf>,
+        security_token_env: Option<String>,
+        security_token_file: Option<PathBuf>,
+        credentials_file: Option<PathBuf>,
+    },
+    IamPassword {
+        iam_url: String,
+        user: String,
+        domain: String,
+        password_env: Option<String>,
+        password_file: Option<PathBuf>,
+        #[serde(default = "default_refresh_margin", with = "humantime_serde")]
+        refresh_margin: Duration,
+        #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+        retry_backoff: Duration,
+    },
+}
+
+fn default_refresh_margin() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_retry_backoff() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Deserialize)]
@@ -197,21 +227,81 @@ impl Config {
             ConfigError::Invalid { key, line, message }
         };
 
+        let u = &raw.upstream;
+        let upstream = UpstreamConfig {
+            connect_timeout: u.connect_timeout,
+            request_timeout: u.request_timeout,
+            pool_idle_timeout: u.pool_idle_timeout,
+            pool_max_idle_per_host: u.pool_max_idle_per_host,
+            max_body: usize::try_from(u.max_body.as_u64()).unwrap_or(usize::MAX),
+        };
         let mut credentials = HashMap::new();
         for (name, raw_credential) in &raw.credentials {
-            let key = format!("credentials.{name}");
+            let fail = |message: String| {
+                invalid(
+                    format!("credentials.{name}"),
+                    raw_credential.span(),
+                    message,
+                )
+            };
+            let source = |what: &str, env: &Option<String>, file: &Option<PathBuf>| {
+                one_origin(env, file)
+                    .map(SecretSource::new)
+                    .map_err(|m| fail(format!("{m} ({what}_env or {what}_file)")))
+            };
             let method = match raw_credential.get_ref() {
                 RawCredential::Token {
                     token_env,
                     token_file,
-                } => Method::Token(SecretSource::new(
-                    one_origin(token_env, token_file).map_err(|m| {
-                        invalid(
-                            key.clone(),
-                            raw_credential.span(),
-                            format!("{m} (token_env or token_file)"),
-                        )
-                    })?,
+                } => Method::Token(source("token", token_env, token_file)?),
+                RawCredential::Aksk {
+                    ak_env,
+                    ak_file,
+                    sk_env,
+                    sk_file,
+                    security_token_env,
+                    security_token_file,
+                    credentials_file,
+                } => {
+                    let keys_named = [
+                        ak_env.is_some(),
+                        ak_file.is_some(),
+                        sk_env.is_some(),
+                        sk_file.is_some(),
+                    ]
+                    .into_iter()
+                    .any(|named| named);
+                    match credentials_file {
+                        Some(_) if keys_named || security_token_env.is_some() || security_token_file.is_some() => {
+                            return Err(fail("credentials_file replaces ak_*, sk_* and security_token_*; keep one way".into()))
+                        }
+                        Some(path) => Method::AkSk(AkSk::File(SecretSource::new(Origin::File(path.clone())))),
+                        None => Method::AkSk(AkSk::Keys {
+                            ak: source("ak", ak_env, ak_file)?,
+                            sk: source("sk", sk_env, sk_file)?,
+                            security_token: match (security_token_env, security_token_file) {
+                                (None, None) => None,
+                                (env, file) => Some(source("security_token", env, file)?),
+                            },
+                        }),
+                    }
+                }
+                RawCredential::IamPassword {
+                    iam_url,
+                    user,
+                    domain,
+                    password_env,
+                    password_file,
+                    refresh_margin,
+                    retry_backoff,
+                } => Method::IamPassword(IamPassword::new(
+                    base_url(iam_url).map_err(|m| fail(format!("iam_url: {m}")))?,
+                    user.clone(),
+                    domain.clone(),
+                    source("password", password_env, password_file)?,
+                    *refresh_margin,
+                    (*retry_backoff).max(Duration::from_millis(10)),
+                    Upstream::new(&upstream),
                 )),
             };
             credentials.insert(name.clone(), Arc::new(Credential::new(name, method)));
@@ -288,16 +378,9 @@ impl Config {
         if raw.upstream.request_timeout.is_zero() {
             return Err(whole("request_timeout", "must be more than zero"));
         }
-        let u = raw.upstream;
         Ok(Config {
             listen: raw.listen,
-            upstream: UpstreamConfig {
-                connect_timeout: u.connect_timeout,
-                request_timeout: u.request_timeout,
-                pool_idle_timeout: u.pool_idle_timeout,
-                pool_max_idle_per_host: u.pool_max_idle_per_host,
-                max_body: usize::try_from(u.max_body.as_u64()).unwrap_or(usize::MAX),
-            },
+            upstream,
             cache: CachePolicy {
                 running_ttl: c.running_ttl,
                 not_found_ttl: c.not_found_ttl,
@@ -360,6 +443,7 @@ fn base_url(url: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    const PROJECT: &str = "0123456789abcdef0123456789abcdef";
     const GOOD: &str = r#"
 listen = "127.0.0.1:0"
 
@@ -442,6 +526,51 @@ credential = "main"
         );
         let e = error(&GOOD.replace("token_env = \"PGW_TOKEN\"", "token = \"inline\""));
         assert!(e.contains("token"), "{e}");
+    }
+
+    #[test]
+    fn aksk_and_iam_credentials_are_checked() {
+        let aksk = GOOD.replace(
+            "kind = \"token\"\ntoken_env = \"PGW_TOKEN\"",
+            "kind = \"aksk\"\nak_env = \"AK\"\nsk_file = \"/run/sk\"",
+        );
+        assert_eq!(
+            Config::parse(&aksk).unwrap().projects[PROJECT]
+                .credential
+                .kind(),
+            "aksk"
+        );
+        let both = aksk.replace(
+            "sk_file = \"/run/sk\"",
+            "sk_file = \"/run/sk\"\ncredentials_file = \"/run/c.json\"",
+        );
+        assert!(error(&both).contains("keep one way"));
+        let no_sk = aksk.replace("sk_file = \"/run/sk\"", "");
+        assert!(error(&no_sk).contains("(sk_env or sk_file)"));
+        let iam = GOOD.replace(
+            "kind = \"token\"\ntoken_env = \"PGW_TOKEN\"",
+            "kind = \"iam-password\"\niam_url = \"https://iam.example.com\"\nuser = \"bot\"\ndomain = \"acme\"\npassword_env = \"PW\"\nrefresh_margin = \"10m\"",
+        );
+        let config = Config::parse(&iam).unwrap();
+        assert_eq!(
+            config.projects[PROJECT].credential.identity().as_ref(),
+            "iam:bot@acme"
+        );
+        assert!(error(&iam.replace("https://iam.example.com", "iam")).contains("iam_url"));
+    }
+
+    #[test]
+    fn debug_output_never_holds_secrets() {
+        std::env::set_var("PGW_TEST_DEBUG_SECRET", "s3cr3t-value-never-shown");
+        let text = GOOD.replace("PGW_TOKEN", "PGW_TEST_DEBUG_SECRET");
+        let config = Config::parse(&text).unwrap();
+        let credential = &config.projects[PROJECT].credential;
+        assert_eq!(credential.unready(PROJECT), None);
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("PGW_TEST_DEBUG_SECRET") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use progress_gateway::config::Config;
 use progress_gateway::proxy::Gateway;
 use progress_gateway::server;
-use progress_gateway::simulator::{Behaviour, Simulator};
+use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -104,11 +104,7 @@ async fn main() -> ExitCode {
                 }
             };
             let gateway = Gateway::new(checked);
-            for project in gateway.config().projects.values() {
-                if let Err(reason) = project.credential.ready() {
-                    tracing::warn!(project = %project.id, credential = %project.credential.name, %reason, "credential not usable yet; its requests get 503");
-                }
-            }
+            tokio::spawn(gateway.clone().prepare_credentials());
             tracing::info!(addr = %listener.local_addr().map_or(checked_addr(&gateway), |a| a), "progress-gateway listening");
             server::serve(
                 listener,
@@ -149,7 +145,10 @@ async fn main() -> ExitCode {
                 listener.local_addr().expect("bound")
             );
             let simulator = Simulator::new(
-                token,
+                SimAuth {
+                    token,
+                    ..SimAuth::default()
+                },
                 Behaviour {
                     job_duration,
                     latency,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{Empty, Full};
+use http_body_util::Full;
 use tokio::time::Instant;
 
 use crate::cache::{Answer, Cache, CacheKey};
@@ -56,6 +56,16 @@ impl Gateway {
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// Obtains every project's credential ahead of the first request, logging
+    /// those that cannot be used yet (their requests get 503 until they can).
+    pub async fn prepare_credentials(self: Arc<Self>) {
+        for project in self.config.projects.values() {
+            if let Err(reason) = project.credential.prepare(&project.id).await {
+                tracing::warn!(project = %project.id, credential = %project.credential.name, %reason, "credential not usable yet; its requests get 503");
+            }
+        }
     }
 
     /// Answers one request; never fails (errors become Huawei-shaped answers).
@@ -132,31 +142,48 @@ impl Gateway {
             Box::pin(async move {
                 // Built from scratch: nothing the client sent reaches upstream
                 // except the validated path and a normalised X-Language.
-                let mut builder = Request::get(uri)
-                    .header(header::ACCEPT, "application/json")
-                    // Identity, so the cache can read the body.
-                    .header(header::ACCEPT_ENCODING, "identity")
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header(header::USER_AGENT, USER_AGENT)
-                    .header("x-project-id", &project_id)
-                    .header("x-request-id", &request_id);
-                if let Some(language) = &language {
-                    builder = builder.header("x-language", language);
-                }
-                let mut request =
-                    builder
-                        .body(Empty::new())
-                        .map_err(|e| GatewayError::UpstreamInvalid {
+                let build = || {
+                    let mut builder = Request::get(&uri)
+                        .header(header::ACCEPT, "application/json")
+                        // Identity, so the cache can read the body.
+                        .header(header::ACCEPT_ENCODING, "identity")
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .header(header::USER_AGENT, USER_AGENT)
+                        .header("x-project-id", &project_id)
+                        .header("x-request-id", &request_id);
+                    if let Some(language) = &language {
+                        builder = builder.header("x-language", language);
+                    }
+                    builder.body(Full::new(Bytes::new())).map_err(|e| {
+                        GatewayError::UpstreamInvalid {
                             api: api.as_str(),
                             reason: format!("cannot build the upstream request: {e}"),
-                        })?;
-                credential.authorize(&mut request).await.map_err(|reason| {
-                    GatewayError::CredentialUnavailable {
-                        project: project_id.clone(),
-                        reason,
-                    }
-                })?;
-                upstream.send(api, request).await
+                        }
+                    })
+                };
+                let unavailable = |reason| GatewayError::CredentialUnavailable {
+                    project: project_id.clone(),
+                    reason,
+                };
+                let mut request = build()?;
+                let used = credential
+                    .authorize(&project_id, &mut request)
+                    .await
+                    .map_err(unavailable)?;
+                let response = upstream.send(api, request).await?;
+                // A revoked or expired token: refresh once and retry once.
+                if response.status == StatusCode::UNAUTHORIZED
+                    && credential.rejected(&project_id, &used)
+                {
+                    tracing::info!(project = %project_id, credential = %credential.name, "upstream 401: retrying once with a fresh credential");
+                    let mut request = build()?;
+                    credential
+                        .authorize(&project_id, &mut request)
+                        .await
+                        .map_err(unavailable)?;
+                    return upstream.send(api, request).await;
+                }
+                Ok(response)
             })
         }
     }

@@ -6,6 +6,12 @@
 //! It checks the injected token, can add latency and force error statuses, and
 //! counts requests per path.
 //!
+//! Authentication is what [`SimAuth`] enables: a static `X-Auth-Token`, tokens
+//! its IAM endpoint (`POST /v3/auth/tokens`) issued for the project and not yet
+//! expired, or an `SDK-HMAC-SHA256` signature it verifies itself from what
+//! arrived on the wire (date skew at most 15 minutes). Failures get Huawei's 401
+//! body with `APIGW.0301`.
+//!
 //! Control over HTTP: `GET /_sim/stats` gives the counters, `PUT /_sim/behaviour`
 //! with a JSON [`Behaviour`] (all fields optional) changes how it answers.
 
@@ -21,6 +27,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use subtle::ConstantTimeEq;
+
+use crate::credentials::sign;
 use crate::route::{self, Api};
 
 /// How the simulator answers; changeable at run time.
@@ -33,6 +42,8 @@ pub struct Behaviour {
     /// How long a job runs after its first poll.
     #[serde(with = "humantime_serde")]
     pub job_duration: Duration,
+    /// IAM answers 503 (APIGW.0613) while set.
+    pub iam_down: bool,
     /// Answer every job request with this status instead ...
     pub force_status: Option<u16>,
     /// ... this many times (None: until changed).
@@ -46,11 +57,31 @@ impl Default for Behaviour {
         Behaviour {
             latency: Duration::ZERO,
             job_duration: Duration::from_secs(30),
+            iam_down: false,
             force_status: None,
             force_count: None,
             retry_after: None,
         }
     }
+}
+
+/// Which credentials the simulator accepts on job requests (none set: any).
+#[derive(Debug, Clone, Default)]
+pub struct SimAuth {
+    /// A static `X-Auth-Token`.
+    pub token: Option<String>,
+    /// An AK and its SK for `SDK-HMAC-SHA256` signatures.
+    pub aksk: Option<(String, String)>,
+    /// A user its IAM endpoint issues project-scoped tokens to.
+    pub iam: Option<IamUser>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IamUser {
+    pub name: String,
+    pub domain: String,
+    pub password: String,
+    pub token_lifetime: Duration,
 }
 
 /// Cloning shares the simulator's state.
@@ -60,8 +91,10 @@ pub struct Simulator {
 }
 
 struct Inner {
-    /// The `X-Auth-Token` required on job requests (None: no check).
-    token: Option<String>,
+    auth: SimAuth,
+    /// Tokens issued by the IAM endpoint: project and expiry.
+    issued: Mutex<HashMap<String, (String, Instant)>>,
+    iam_calls: std::sync::atomic::AtomicU64,
     /// std Mutexes: never held across an await.
     behaviour: Mutex<Behaviour>,
     jobs: Mutex<HashMap<String, (Instant, SystemTime)>>,
@@ -74,10 +107,12 @@ struct Inner {
 type SimResponse = Response<Full<Bytes>>;
 
 impl Simulator {
-    pub fn new(token: Option<String>, behaviour: Behaviour) -> Self {
+    pub fn new(auth: SimAuth, behaviour: Behaviour) -> Self {
         Simulator {
             inner: Arc::new(Inner {
-                token,
+                auth,
+                issued: Mutex::default(),
+                iam_calls: Default::default(),
                 behaviour: Mutex::new(behaviour),
                 jobs: Mutex::default(),
                 requests: Mutex::default(),
@@ -100,6 +135,18 @@ impl Simulator {
             .get(path)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Calls to the IAM endpoint.
+    pub fn iam_calls(&self) -> u64 {
+        self.inner
+            .iam_calls
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Invalidates every issued IAM token (as a password change would).
+    pub fn revoke_tokens(&self) {
+        self.inner.issued.lock().unwrap().clear();
     }
 
     /// Job requests received in all.
@@ -152,11 +199,24 @@ impl Simulator {
                     ),
                 }
             }
-            _ => self.job(request.method(), &path, request.headers()).await,
+            (&Method::POST, "/v3/auth/tokens") => {
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                self.iam(&body)
+            }
+            _ => {
+                self.job(request.method(), request.uri(), request.headers())
+                    .await
+            }
         }
     }
 
-    async fn job(&self, method: &Method, path: &str, headers: &HeaderMap) -> SimResponse {
+    async fn job(&self, method: &Method, uri: &http::Uri, headers: &HeaderMap) -> SimResponse {
+        let path = uri.path();
         let Ok(route) = route::parse(method, path) else {
             return error(StatusCode::NOT_FOUND, "SIM.0404", "unknown API");
         };
@@ -181,15 +241,12 @@ impl Simulator {
         if let Some(forced) = self.take_forced() {
             return forced;
         }
-        if let Some(expected) = &self.inner.token {
-            let sent = headers.get("x-auth-token").map(HeaderValue::as_bytes);
-            if sent != Some(expected.as_bytes()) {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "APIGW.0301",
-                    "Incorrect IAM authentication information: verify token failed",
-                );
-            }
+        if let Err(why) = self.authenticate(method, uri, route.project, headers) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "APIGW.0301",
+                &format!("Incorrect IAM authentication information: {why}"),
+            );
         }
         if route.job.contains("missing") {
             return error(StatusCode::NOT_FOUND, "SIM.0404", "the job does not exist");
@@ -242,6 +299,121 @@ impl Simulator {
             }
         };
         json_response(StatusCode::OK, &body)
+    }
+
+    /// Accepts a request that any enabled credential kind vouches for.
+    fn authenticate(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        project: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), &'static str> {
+        let auth = &self.inner.auth;
+        if auth.token.is_none() && auth.aksk.is_none() && auth.iam.is_none() {
+            return Ok(());
+        }
+        if let Some(sent) = headers.get("x-auth-token").and_then(|v| v.to_str().ok()) {
+            if auth.token.as_deref() == Some(sent) {
+                return Ok(());
+            }
+            return match self.inner.issued.lock().unwrap().get(sent) {
+                Some((scope, expiry)) if scope == project && *expiry > Instant::now() => Ok(()),
+                Some((scope, _)) if scope != project => Err("token is scoped to another project"),
+                Some(_) => Err("the token expires"),
+                None => Err("verify token failed"),
+            };
+        }
+        let Some((ak, sk)) = &auth.aksk else {
+            return Err("no token");
+        };
+        let parsed = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(sign::parse_authorization)
+            .ok_or("no SDK-HMAC-SHA256 Authorization header")?;
+        if &parsed.access != ak {
+            return Err("unknown access key");
+        }
+        let date = headers
+            .get("x-sdk-date")
+            .and_then(|v| v.to_str().ok())
+            .and_then(sign::parse_sdk_date)
+            .ok_or("missing or malformed X-Sdk-Date")?;
+        if !sign::date_within(date, SystemTime::now(), crate::credentials::MAX_SKEW) {
+            return Err("X-Sdk-Date is more than 15 minutes off");
+        }
+        if !parsed.signed_headers.iter().any(|h| h == "host") {
+            return Err("host is not signed");
+        }
+        let canonical = sign::canonical_request(
+            method.as_str(),
+            uri.path(),
+            uri.query().unwrap_or(""),
+            headers,
+            &parsed.signed_headers,
+            b"",
+        )
+        .ok_or("a signed header is missing")?;
+        let date_text = headers["x-sdk-date"].to_str().unwrap_or_default();
+        let expected = sign::signature(sk.as_bytes(), date_text, &canonical);
+        if bool::from(expected.as_bytes().ct_eq(parsed.signature.as_bytes())) {
+            Ok(())
+        } else {
+            Err("signature mismatch")
+        }
+    }
+
+    /// IAM's `POST /v3/auth/tokens` for password identities.
+    fn iam(&self, body: &[u8]) -> SimResponse {
+        self.inner
+            .iam_calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.inner.behaviour.lock().unwrap().iam_down {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "APIGW.0613",
+                "IAM is unavailable",
+            );
+        }
+        let Some(user) = &self.inner.auth.iam else {
+            return error(StatusCode::NOT_FOUND, "SIM.0404", "IAM is not enabled");
+        };
+        let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let identity = &request["auth"]["identity"]["password"]["user"];
+        let project = request["auth"]["scope"]["project"]["id"]
+            .as_str()
+            .unwrap_or_default();
+        if identity["name"] != user.name.as_str()
+            || identity["password"] != user.password.as_str()
+            || identity["domain"]["name"] != user.domain.as_str()
+            || project.is_empty()
+        {
+            return json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({"error": {"code": 401, "message": "The username or password is wrong.", "title": "Unauthorized"}}),
+            );
+        }
+        let token = format!("MIIsim{}", uuid::Uuid::new_v4().simple());
+        let expires_at = SystemTime::now() + user.token_lifetime;
+        self.inner.issued.lock().unwrap().insert(
+            token.clone(),
+            (project.to_string(), Instant::now() + user.token_lifetime),
+        );
+        let mut response = json_response(
+            StatusCode::CREATED,
+            &json!({"token": {
+                "expires_at": humantime::format_rfc3339_millis(expires_at).to_string(),
+                "methods": ["password"],
+                "project": {"id": project},
+                "user": {"name": user.name, "domain": {"name": user.domain}},
+            }}),
+        );
+        response.headers_mut().insert(
+            "x-subject-token",
+            HeaderValue::from_str(&token).expect("ascii"),
+        );
+        response
     }
 
     fn take_forced(&self) -> Option<SimResponse> {
@@ -323,7 +495,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn jobs_run_then_finish_and_failures_fail() {
         let sim = Simulator::new(
-            Some("t".into()),
+            SimAuth {
+                token: Some("t".into()),
+                ..SimAuth::default()
+            },
             Behaviour {
                 job_duration: Duration::from_secs(10),
                 ..Behaviour::default()
@@ -351,7 +526,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_token_gets_huawei_401() {
-        let sim = Simulator::new(Some("t".into()), Behaviour::default());
+        let sim = Simulator::new(
+            SimAuth {
+                token: Some("t".into()),
+                ..SimAuth::default()
+            },
+            Behaviour::default(),
+        );
         let (status, body) = poll(&sim, "/v5/p/jobs/j/export/progress", "wrong").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error_code"], "APIGW.0301");
@@ -359,7 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn forced_statuses_run_out() {
-        let sim = Simulator::new(None, Behaviour::default());
+        let sim = Simulator::new(SimAuth::default(), Behaviour::default());
         sim.set_behaviour(|b| {
             b.force_status = Some(503);
             b.force_count = Some(1);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -26,9 +26,17 @@ pub struct UpstreamResponse {
 /// Shared by every request; cloning shares the connection pool.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     request_timeout: Duration,
     max_body: usize,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstream {
@@ -58,12 +66,21 @@ impl Upstream {
     pub async fn send(
         &self,
         api: Api,
-        request: Request<Empty<Bytes>>,
+        request: Request<Full<Bytes>>,
+    ) -> Result<UpstreamResponse, GatewayError> {
+        self.exchange(api.as_str(), request).await
+    }
+
+    /// Like [`Upstream::send`] for any service (`label` names it in errors).
+    pub async fn exchange(
+        &self,
+        label: &'static str,
+        request: Request<Full<Bytes>>,
     ) -> Result<UpstreamResponse, GatewayError> {
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 GatewayError::UpstreamUnreachable {
-                    api: api.as_str(),
+                    api: label,
                     source: e.into(),
                 }
             })?;
@@ -72,7 +89,7 @@ impl Upstream {
                 .collect()
                 .await
                 .map_err(|e| GatewayError::UpstreamInvalid {
-                    api: api.as_str(),
+                    api: label,
                     reason: format!("reading the body failed: {e}"),
                 })?
                 .to_bytes();
@@ -85,7 +102,7 @@ impl Upstream {
         tokio::time::timeout(self.request_timeout, exchange)
             .await
             .map_err(|_| GatewayError::UpstreamTimeout {
-                api: api.as_str(),
+                api: label,
                 timeout: self.request_timeout,
             })?
     }

@@ -40,6 +40,9 @@ async fn official_python_sdks_parse_answers_and_errors() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
-    assert!(output.status.success(), "SDK interop failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "SDK interop failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("all checks passed"));
 }

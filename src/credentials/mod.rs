@@ -12,9 +12,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request};
-use http_body_util::Empty;
+use http_body_util::Full;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
+
+pub mod iam;
+pub mod sign;
 
 /// A secret value. `Debug` never shows it; its memory is zeroed when dropped.
 #[derive(Clone)]
@@ -144,7 +147,91 @@ impl SecretSource {
 pub enum Method {
     /// A static IAM token sent as `X-Auth-Token`.
     Token(SecretSource),
+    /// AK/SK request signing (`SDK-HMAC-SHA256`).
+    AkSk(AkSk),
+    /// Project-scoped IAM tokens obtained with a password and refreshed.
+    IamPassword(iam::IamPassword),
 }
+
+/// Where an AK/SK pair (and an optional security token) come from.
+#[derive(Debug)]
+pub enum AkSk {
+    /// Permanent keys, each from its own source.
+    Keys {
+        ak: SecretSource,
+        sk: SecretSource,
+        security_token: Option<SecretSource>,
+    },
+    /// Temporary keys in one JSON file as IAM issues them
+    /// (`{"credential": {"access", "secret", "securitytoken", "expires_at"}}`),
+    /// re-read when it changes.
+    File(SecretSource),
+}
+
+/// One AK/SK set as it will be used for a request.
+struct Keys {
+    ak: Secret,
+    sk: Secret,
+    security_token: Option<Secret>,
+}
+
+impl AkSk {
+    fn keys(&self) -> Result<Keys, String> {
+        match self {
+            AkSk::Keys {
+                ak,
+                sk,
+                security_token,
+            } => Ok(Keys {
+                ak: ak.current()?,
+                sk: sk.current()?,
+                security_token: security_token
+                    .as_ref()
+                    .map(SecretSource::current)
+                    .transpose()?,
+            }),
+            AkSk::File(file) => {
+                #[derive(serde::Deserialize)]
+                struct Wrapped {
+                    credential: Temporary,
+                }
+                #[derive(serde::Deserialize)]
+                struct Temporary {
+                    access: String,
+                    secret: Zeroizing<String>,
+                    securitytoken: Option<Zeroizing<String>>,
+                    expires_at: Option<String>,
+                }
+                let text = file.current()?;
+                let parsed: Temporary = serde_json::from_str::<Wrapped>(text.expose())
+                    .map(|w| w.credential)
+                    .or_else(|_| serde_json::from_str::<Temporary>(text.expose()))
+                    // serde's message could quote the file; name only the problem.
+                    .map_err(|_| "the credentials file is not {\"credential\": {\"access\", \"secret\", ...}} JSON".to_string())?;
+                if let Some(expires_at) = &parsed.expires_at {
+                    let at = humantime::parse_rfc3339(expires_at).map_err(|_| {
+                        format!("expires_at {expires_at:?} is not an RFC 3339 time")
+                    })?;
+                    if at <= SystemTime::now() {
+                        return Err(format!("the temporary credentials expired at {expires_at}"));
+                    }
+                }
+                Ok(Keys {
+                    ak: Secret::new(parsed.access),
+                    sk: Secret::new(parsed.secret.to_string()),
+                    security_token: parsed.securitytoken.map(|t| Secret::new(t.to_string())),
+                })
+            }
+        }
+    }
+}
+
+/// Largest clock skew Huawei accepts on `X-Sdk-Date`.
+pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
+
+/// What authenticated one request, kept to report a 401 against.
+#[derive(Debug)]
+pub struct Used(Option<Secret>);
 
 /// One named credential from the config; several projects may share it.
 #[derive(Debug)]
@@ -157,8 +244,12 @@ pub struct Credential {
 
 impl Credential {
     pub fn new(name: &str, method: Method) -> Self {
+        // Permanent AK/SK: the AK names the principal. Tokens and temporary
+        // keys rotate, so the configured name stands for their principal.
         let identity = match &method {
             Method::Token(_) => format!("token:{name}"),
+            Method::AkSk(AkSk::Keys { .. }) | Method::AkSk(AkSk::File(_)) => format!("aksk:{name}"),
+            Method::IamPassword(iam) => format!("iam:{}@{}", iam.user, iam.domain),
         };
         Credential {
             name: name.to_string(),
@@ -171,23 +262,106 @@ impl Credential {
         &self.identity
     }
 
-    /// Whether the credential can be used now; the reason when it cannot.
-    pub fn ready(&self) -> Result<(), String> {
-        match &self.method {
-            Method::Token(source) => source.current().map(drop),
+    pub fn kind(&self) -> &'static str {
+        match self.method {
+            Method::Token(_) => "token",
+            Method::AkSk(_) => "aksk",
+            Method::IamPassword(_) => "iam-password",
         }
     }
 
-    /// Adds this credential to an upstream request whose other headers are final.
-    pub async fn authorize(&self, request: &mut Request<Empty<Bytes>>) -> Result<(), String> {
+    /// Why the credential cannot be used for `project` now, if it cannot.
+    pub fn unready(&self, project: &str) -> Option<String> {
+        match &self.method {
+            Method::Token(source) => source.current().err(),
+            Method::AkSk(aksk) => aksk.keys().err(),
+            Method::IamPassword(iam) => iam.unready(project),
+        }
+    }
+
+    /// Obtains what the credential needs ahead of the first request (an IAM token).
+    pub async fn prepare(&self, project: &str) -> Result<(), String> {
+        match &self.method {
+            Method::IamPassword(iam) => iam.token(project).await.map(drop),
+            _ => self.unready(project).map_or(Ok(()), Err),
+        }
+    }
+
+    /// Authenticates an upstream request for `project` whose other headers are final.
+    pub async fn authorize(
+        &self,
+        project: &str,
+        request: &mut Request<Full<Bytes>>,
+    ) -> Result<Used, String> {
         match &self.method {
             Method::Token(source) => {
-                let token = source.current()?.header_value()?;
-                request.headers_mut().insert("x-auth-token", token);
-                Ok(())
+                let token = source.current()?;
+                request
+                    .headers_mut()
+                    .insert("x-auth-token", token.header_value()?);
+                Ok(Used(None))
+            }
+            Method::IamPassword(iam) => {
+                let token = iam.token(project).await?;
+                request
+                    .headers_mut()
+                    .insert("x-auth-token", token.header_value()?);
+                Ok(Used(Some(token)))
+            }
+            Method::AkSk(aksk) => {
+                let keys = aksk.keys()?;
+                sign_request(request, &keys)?;
+                Ok(Used(None))
             }
         }
     }
+
+    /// Upstream answered 401 to a request authenticated with `used`: true if a
+    /// fresh credential was arranged and one retry is worthwhile.
+    pub fn rejected(&self, project: &str, used: &Used) -> bool {
+        match (&self.method, &used.0) {
+            (Method::IamPassword(iam), Some(token)) => iam.reject(project, token),
+            _ => false,
+        }
+    }
+}
+
+/// Adds Host, X-Sdk-Date and X-Security-Token, then the signature over them.
+fn sign_request(request: &mut Request<Full<Bytes>>, keys: &Keys) -> Result<(), String> {
+    let host = request
+        .uri()
+        .authority()
+        .ok_or("the upstream URL has no host")?
+        .as_str()
+        .to_string();
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::HOST,
+        HeaderValue::from_str(&host).map_err(|e| e.to_string())?,
+    );
+    let date = sign::sdk_date(SystemTime::now());
+    headers.insert("x-sdk-date", HeaderValue::from_str(&date).expect("digits"));
+    if let Some(token) = &keys.security_token {
+        headers.insert("x-security-token", token.header_value()?);
+    }
+    let uri = request.uri().clone();
+    let value = sign::authorization(
+        keys.ak.expose(),
+        keys.sk.expose().as_bytes(),
+        request.method().as_str(),
+        uri.path(),
+        uri.query().unwrap_or(""),
+        request.headers(),
+        b"",
+    )
+    .ok_or("a header to sign is not valid text")?;
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| "the AK is not a valid header value".to_string())?;
+    value.set_sensitive(true);
+    request
+        .headers_mut()
+        .insert(http::header::AUTHORIZATION, value);
+    Ok(())
 }
 
 #[cfg(test)]

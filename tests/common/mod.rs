@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use progress_gateway::config::Config;
 use progress_gateway::proxy::Gateway;
 use progress_gateway::server;
-use progress_gateway::simulator::{Behaviour, Simulator};
+use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
 use tokio::net::TcpListener;
 
 pub const TOKEN: &str = "sim-token-4f1d2c9e";
@@ -56,7 +56,16 @@ impl Reply {
 
 /// Starts the simulator on port 0.
 pub async fn start_simulator(behaviour: Behaviour) -> (Simulator, SocketAddr) {
-    let sim = Simulator::new(Some(TOKEN.into()), behaviour);
+    let auth = SimAuth {
+        token: Some(TOKEN.into()),
+        ..SimAuth::default()
+    };
+    start_simulator_with(auth, behaviour).await
+}
+
+/// Starts the simulator on port 0 accepting `auth`.
+pub async fn start_simulator_with(auth: SimAuth, behaviour: Behaviour) -> (Simulator, SocketAddr) {
+    let sim = Simulator::new(auth, behaviour);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = sim.clone();
