@@ -81,17 +81,46 @@ pub async fn start_simulator_with(auth: SimAuth, behaviour: Behaviour) -> (Simul
     (sim, addr)
 }
 
-/// Starts the gateway with `sections` (TOML for `[upstream]`, `[cache]` ...)
-/// in front of the simulator; `{sim}` in `upstream_url` is the simulator address.
-pub async fn start_with(
-    behaviour: Behaviour,
-    sections: &str,
-    upstream_url: Option<String>,
-) -> Harness {
-    let (sim, sim_addr) = start_simulator(behaviour).await;
+/// What to start: the simulator's auth and behaviour, extra TOML sections
+/// (`[upstream]`, `[cache]` ...), and the `[credentials.main]` body used by
+/// the first project (`{dir}` is a temporary directory, `{sim}` the simulator).
+pub struct Spec {
+    pub auth: SimAuth,
+    pub behaviour: Behaviour,
+    pub sections: String,
+    pub credential: String,
+    pub upstream_url: Option<String>,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            auth: SimAuth {
+                token: Some(TOKEN.into()),
+                ..SimAuth::default()
+            },
+            behaviour: Behaviour::default(),
+            sections: String::new(),
+            credential: "kind = \"token\"\ntoken_file = \"{dir}/token\"".into(),
+            upstream_url: None,
+        }
+    }
+}
+
+/// Starts the simulator and the gateway in front of it as `spec` says.
+pub async fn start_spec(spec: Spec) -> Harness {
+    let (sim, sim_addr) = start_simulator_with(spec.auth, spec.behaviour).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-    let url = upstream_url.unwrap_or_else(|| format!("http://{sim_addr}"));
+    let dir_text = dir.path().display().to_string();
+    let url = spec
+        .upstream_url
+        .unwrap_or_else(|| format!("http://{sim_addr}"));
+    let credential = spec
+        .credential
+        .replace("{dir}", &dir_text)
+        .replace("{sim}", &sim_addr.to_string());
+    let sections = spec.sections;
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -102,12 +131,11 @@ drs = "{url}"
 roma = "{url}"
 
 [credentials.main]
-kind = "token"
-token_file = "{dir}/token"
+{credential}
 
 [credentials.second]
 kind = "token"
-token_file = "{dir}/token"
+token_file = "{dir_text}/token"
 
 [[projects]]
 id = "{PROJECT}"
@@ -118,8 +146,7 @@ credential = "main"
 id = "{OTHER_PROJECT}"
 region = "sim"
 credential = "second"
-"#,
-        dir = dir.path().display()
+"#
     );
     let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let gateway = Gateway::new(config);
@@ -145,6 +172,22 @@ credential = "second"
     }
 }
 
+/// Starts the gateway with `sections` in front of the simulator, optionally
+/// pointing its region at `upstream_url` instead.
+pub async fn start_with(
+    behaviour: Behaviour,
+    sections: &str,
+    upstream_url: Option<String>,
+) -> Harness {
+    start_spec(Spec {
+        behaviour,
+        sections: sections.into(),
+        upstream_url,
+        ..Spec::default()
+    })
+    .await
+}
+
 pub async fn start(sections: &str) -> Harness {
     start_with(Behaviour::default(), sections, None).await
 }
@@ -152,6 +195,10 @@ pub async fn start(sections: &str) -> Harness {
 impl Harness {
     pub fn token_path(&self) -> std::path::PathBuf {
         self._dir.path().join("token")
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     pub async fn get(&self, path: &str) -> Reply {
