@@ -294,7 +294,7 @@ impl Config {
                     password_file,
                     refresh_margin,
                     retry_backoff,
-                } => Method::IamPassword(IamPassword::new(
+                } => Method::IamPassword(Box::new(IamPassword::new(
                     base_url(iam_url).map_err(|m| fail(format!("iam_url: {m}")))?,
                     user.clone(),
                     domain.clone(),
@@ -302,7 +302,7 @@ impl Config {
                     *refresh_margin,
                     (*retry_backoff).max(Duration::from_millis(10)),
                     Upstream::new(&upstream),
-                )),
+                ))),
             };
             credentials.insert(name.clone(), Arc::new(Credential::new(name, method)));
         }

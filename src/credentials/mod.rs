@@ -150,7 +150,7 @@ pub enum Method {
     /// AK/SK request signing (`SDK-HMAC-SHA256`).
     AkSk(AkSk),
     /// Project-scoped IAM tokens obtained with a password and refreshed.
-    IamPassword(iam::IamPassword),
+    IamPassword(Box<iam::IamPassword>),
 }
 
 /// Where an AK/SK pair (and an optional security token) come from.
