@@ -20,74 +20,144 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::{retry_after_value, GatewayError};
+use crate::error::{retry_after_secs, GatewayError};
 use crate::policy::{classify, freshness, retry_after, CachePolicy, CacheStatus, Class, Freshness};
 use crate::route::{Api, Route};
 use crate::upstream::UpstreamResponse;
 
 /// Identifies one cached answer: API, project, instance, job, language and the
 /// credential's principal, so tenants and languages never share answers.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey(Arc<str>);
+///
+/// Stored as 128 bits of SHA-256 over those parts (as Varnish keys its cache
+/// by a SHA-256 digest): 16 bytes inline instead of a ~140-byte string per
+/// entry, and a collision is as unlikely as guessing a random 128-bit value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey(u128);
 
 impl CacheKey {
     pub fn new(route: &Route, language: Option<&str>, credential: &str) -> Self {
-        // Route segments and languages cannot contain ' ', so the join is unambiguous.
-        let key = format!(
-            "{} {} {} {} {} {}",
+        let mut digest = Sha256::new();
+        // Each part ends in a byte no part can contain, so the join is unambiguous.
+        for part in [
             route.api.as_str(),
             route.project,
-            route.instance.unwrap_or("-"),
+            route.instance.unwrap_or(""),
             route.job,
-            language.unwrap_or("-"),
-            credential
-        );
-        CacheKey(key.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
+            language.unwrap_or(""),
+            credential,
+        ] {
+            digest.update(part.as_bytes());
+            digest.update([0]);
+        }
+        let digest = digest.finalize();
+        CacheKey(u128::from_be_bytes(
+            digest[..16].try_into().expect("16 bytes"),
+        ))
     }
 }
 
-/// An upstream answer as kept and served: everything a response needs,
-/// header values prepared once so a hit copies nothing but pointers.
-#[derive(Debug)]
+/// An upstream answer as kept and served. Everything variable lives in one
+/// allocation copied from the upstream response: the body, then the ETag,
+/// Content-Type and X-Request-Id values. Copying means a stored answer never
+/// pins hyper's connection buffer, and one allocation keeps entries small.
+#[derive(Debug, Clone)]
 pub struct Stored {
+    data: Bytes,
+    body_len: u32,
+    etag_len: u8,
+    content_type_len: u8,
+    request_id_len: u8,
     pub status: StatusCode,
     pub class: Class,
-    pub body: Bytes,
-    pub content_type: Option<HeaderValue>,
-    pub request_id: Option<HeaderValue>,
-    /// Set on a 429 passed to the client, so it always learns when to retry.
-    pub retry_after: Option<HeaderValue>,
-    /// Strong validator over the body bytes (RFC 9110 §8.8.3).
-    pub etag: HeaderValue,
+    /// `Retry-After` seconds, set on a 429 passed to the client (0: none).
+    retry_after: u32,
     pub stored_at: Instant,
 }
 
 impl Stored {
-    fn new(response: UpstreamResponse, class: Class, stored_at: Instant) -> Self {
+    fn new(response: &UpstreamResponse, class: Class, stored_at: Instant) -> Self {
         let digest = Sha256::digest(&response.body);
         let etag = format!("\"{}\"", hex::encode(&digest[..16]));
-        let mut headers = response.headers;
+        // Values longer than 255 bytes are dropped rather than stored.
+        let short = |name: &str| {
+            response
+                .headers
+                .get(name)
+                .map(HeaderValue::as_bytes)
+                .filter(|v| v.len() <= usize::from(u8::MAX))
+                .unwrap_or_default()
+        };
+        let content_type = short("content-type");
+        let request_id = short("x-request-id");
+        let mut data = Vec::with_capacity(
+            response.body.len() + etag.len() + content_type.len() + request_id.len(),
+        );
+        for part in [
+            &response.body[..],
+            etag.as_bytes(),
+            content_type,
+            request_id,
+        ] {
+            data.extend_from_slice(part);
+        }
         Stored {
+            data: Bytes::from(data),
+            body_len: u32::try_from(response.body.len()).expect("bodies are bounded by max_body"),
+            etag_len: etag.len() as u8,
+            content_type_len: content_type.len() as u8,
+            request_id_len: request_id.len() as u8,
             status: response.status,
             class,
-            content_type: headers.remove(http::header::CONTENT_TYPE),
-            request_id: headers.remove("x-request-id"),
-            retry_after: None,
-            etag: HeaderValue::from_str(&etag).expect("hex is a valid header value"),
-            body: response.body,
+            retry_after: 0,
             stored_at,
         }
+    }
+
+    pub fn body(&self) -> Bytes {
+        self.data.slice(..self.body_len as usize)
+    }
+
+    /// Strong validator over the body bytes (RFC 9110 §8.8.3).
+    pub fn etag(&self) -> HeaderValue {
+        self.value(0, self.etag_len)
+            .expect("a hex ETag is a valid header value")
+    }
+
+    pub fn content_type(&self) -> Option<HeaderValue> {
+        self.value(1, self.content_type_len)
+    }
+
+    /// The upstream `X-Request-Id` of the request that fetched this answer.
+    pub fn request_id(&self) -> Option<HeaderValue> {
+        self.value(2, self.request_id_len)
+    }
+
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        (self.retry_after > 0).then(|| HeaderValue::from(self.retry_after))
+    }
+
+    /// The `index`th value after the body (ETag, Content-Type, X-Request-Id).
+    fn value(&self, index: usize, len: u8) -> Option<HeaderValue> {
+        if len == 0 {
+            return None;
+        }
+        let lens = [self.etag_len, self.content_type_len, self.request_id_len];
+        let start =
+            self.body_len as usize + lens[..index].iter().map(|l| usize::from(*l)).sum::<usize>();
+        // Bytes that were a valid header value upstream are valid again.
+        HeaderValue::from_maybe_shared(self.data.slice(start..start + usize::from(len))).ok()
+    }
+
+    /// Bytes weighed against the budget beyond the store's own bookkeeping.
+    fn weight(&self) -> usize {
+        self.data.len() + std::mem::size_of::<Stored>()
     }
 }
 
 /// What a lookup gives the client.
 #[derive(Debug, Clone)]
 pub struct Answer {
-    pub stored: Arc<Stored>,
+    pub stored: Stored,
     pub status: CacheStatus,
 }
 
@@ -95,16 +165,17 @@ pub struct Answer {
 #[derive(Debug, Clone)]
 enum Outcome {
     /// Upstream answered (stored or not, as its class decides).
-    Fetched(Arc<Stored>),
+    Fetched(Stored),
     /// Upstream failed and an earlier answer stands in for it.
-    Stale(Arc<Stored>),
+    Stale(Stored),
     Failed(Arc<GatewayError>),
 }
 
 type Flight = watch::Receiver<Option<Outcome>>;
 
-/// Bytes counted for an entry beyond its key and body (the store's own bookkeeping).
-const ENTRY_OVERHEAD: usize = 256;
+/// Bytes counted for each entry beyond its own data: moka's bookkeeping,
+/// measured at about 340 bytes per entry (benches/load.rs, memory phase).
+const ENTRY_OVERHEAD: usize = 350;
 
 /// Cloning shares the cache.
 #[derive(Clone)]
@@ -114,7 +185,7 @@ pub struct Cache {
 
 struct Inner {
     policy: CachePolicy,
-    store: moka::sync::Cache<CacheKey, Arc<Stored>>,
+    store: moka::sync::Cache<CacheKey, Stored>,
     /// std Mutex: only held to look up, insert or remove; never across an await.
     flights: Mutex<HashMap<CacheKey, Flight>>,
     /// No upstream request for (API, project) before the instant (after a 429).
@@ -124,11 +195,11 @@ struct Inner {
 /// Frees memory once an answer is past every window in which it could be served.
 struct KeepFor(CachePolicy);
 
-impl moka::Expiry<CacheKey, Arc<Stored>> for KeepFor {
+impl moka::Expiry<CacheKey, Stored> for KeepFor {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<Stored>,
+        value: &Stored,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         match value.class {
@@ -140,7 +211,7 @@ impl moka::Expiry<CacheKey, Arc<Stored>> for KeepFor {
     fn expire_after_read(
         &self,
         _key: &CacheKey,
-        value: &Arc<Stored>,
+        value: &Stored,
         _read_at: std::time::Instant,
         remaining: Option<Duration>,
         _last_modified_at: std::time::Instant,
@@ -154,7 +225,7 @@ impl moka::Expiry<CacheKey, Arc<Stored>> for KeepFor {
     fn expire_after_update(
         &self,
         key: &CacheKey,
-        value: &Arc<Stored>,
+        value: &Stored,
         updated_at: std::time::Instant,
         _remaining: Option<Duration>,
     ) -> Option<Duration> {
@@ -166,8 +237,8 @@ impl Cache {
     pub fn new(policy: CachePolicy) -> Self {
         let store = moka::sync::Cache::builder()
             .max_capacity(policy.max_bytes)
-            .weigher(|key: &CacheKey, value: &Arc<Stored>| {
-                let bytes = key.0.len() + value.body.len() + ENTRY_OVERHEAD;
+            .weigher(|key: &CacheKey, value: &Stored| {
+                let bytes = std::mem::size_of_val(key) + value.weight() + ENTRY_OVERHEAD;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(KeepFor(policy.clone()))
@@ -297,7 +368,7 @@ impl Cache {
             return (flight.clone(), false);
         }
         let (tx, rx) = watch::channel(None);
-        flights.insert(key.clone(), rx.clone());
+        flights.insert(key, rx.clone());
         drop(flights);
 
         let inner = self.inner.clone();
@@ -365,7 +436,7 @@ impl Inner {
         };
         let class = classify(api, response.status, &response.body, &self.policy.terminal);
         let status = response.status;
-        let mut retry = None;
+        let mut retry = 0;
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry_after(
                 &response.headers,
@@ -377,13 +448,12 @@ impl Inner {
                 .lock()
                 .unwrap()
                 .insert((api, project.to_string()), now + wait);
-            retry = Some(retry_after_value(wait));
+            retry = u32::try_from(retry_after_secs(wait)).unwrap_or(u32::MAX);
         }
-        let mut stored = Stored::new(response, class, now);
+        let mut stored = Stored::new(&response, class, now);
         stored.retry_after = retry;
-        let stored = Arc::new(stored);
         if class != Class::Uncacheable {
-            self.store.insert(key.clone(), stored.clone());
+            self.store.insert(*key, stored.clone());
             return Outcome::Fetched(stored);
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
@@ -395,7 +465,7 @@ impl Inner {
     }
 
     /// An earlier answer that may stand in while upstream fails.
-    fn stale_fallback(&self, key: &CacheKey, now: Instant) -> Option<Arc<Stored>> {
+    fn stale_fallback(&self, key: &CacheKey, now: Instant) -> Option<Stored> {
         let stored = self.store.get(key)?;
         let age = now.duration_since(stored.stored_at);
         match freshness(&self.policy, stored.class, age) {
@@ -515,8 +585,8 @@ mod tests {
         cache.get(key(job), Api::Roma, "p", up.fetch()).await
     }
 
-    fn body(answer: &Answer) -> &str {
-        std::str::from_utf8(&answer.stored.body).unwrap()
+    fn body(answer: &Answer) -> Bytes {
+        answer.stored.body()
     }
 
     #[tokio::test(start_paused = true)]
@@ -675,7 +745,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(up.calls(), 2);
         let answer = get(&cache, &up, "j").await.unwrap();
-        assert_eq!((answer.status, body(&answer)), (CacheStatus::Hit, DONE));
+        assert_eq!(
+            (answer.status, body(&answer)),
+            (CacheStatus::Hit, Bytes::from(DONE))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -690,13 +763,13 @@ mod tests {
         let answer = get(&cache, &up, "j").await.unwrap();
         assert_eq!(
             (answer.status, body(&answer)),
-            (CacheStatus::Stale, RUNNING)
+            (CacheStatus::Stale, Bytes::from(RUNNING))
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         let answer = get(&cache, &up, "j").await.unwrap();
         assert_eq!(
             (answer.status, body(&answer)),
-            (CacheStatus::Stale, RUNNING)
+            (CacheStatus::Stale, Bytes::from(RUNNING))
         );
         // 1 s fresh + 10 s stale-if-error have passed: the error shows.
         tokio::time::advance(Duration::from_secs(7)).await;
@@ -736,7 +809,10 @@ mod tests {
         assert_eq!(up.calls(), 2);
         tokio::time::advance(Duration::from_secs(3)).await;
         let answer = get(&cache, &up, "j").await.unwrap();
-        assert_eq!((answer.status, body(&answer)), (CacheStatus::Miss, DONE));
+        assert_eq!(
+            (answer.status, body(&answer)),
+            (CacheStatus::Miss, Bytes::from(DONE))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -769,7 +845,7 @@ mod tests {
         up.then(Ok(response(429, "{}")));
         let answer = get(&cache, &up, "j").await.unwrap();
         assert_eq!(answer.stored.status, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(answer.stored.retry_after.as_ref().unwrap(), "3");
+        assert_eq!(answer.stored.retry_after().unwrap(), "3");
     }
 
     #[tokio::test]
@@ -787,6 +863,33 @@ mod tests {
         let (entries, bytes) = cache.usage();
         assert!(bytes <= 64 * 1024, "{bytes} bytes stored");
         assert!(entries < 100 && entries > 0, "{entries} entries");
+    }
+
+    #[test]
+    fn stored_answers_copy_body_and_headers_into_one_allocation() {
+        let mut upstream = response(200, RUNNING);
+        upstream.headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
+        upstream
+            .headers
+            .insert("x-request-id", HeaderValue::from_static("abc123"));
+        let stored = Stored::new(&upstream, Class::Running, Instant::now());
+        assert_eq!(stored.body(), RUNNING);
+        assert_eq!(
+            stored.content_type().unwrap(),
+            "application/json;charset=UTF-8"
+        );
+        assert_eq!(stored.request_id().unwrap(), "abc123");
+        assert_eq!(stored.etag().len(), 34);
+        assert_eq!(stored.retry_after(), None);
+        assert_eq!(stored.data.len(), RUNNING.len() + 34 + 30 + 6);
+        let bare = Stored::new(&response(200, ""), Class::Running, Instant::now());
+        assert_eq!(
+            (bare.content_type(), bare.request_id(), bare.body().len()),
+            (None, None, 0)
+        );
     }
 
     #[test]

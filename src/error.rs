@@ -154,8 +154,12 @@ impl GatewayError {
 
 /// `Retry-After` in whole seconds, rounded up so a client never retries early.
 pub fn retry_after_value(wait: Duration) -> HeaderValue {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    HeaderValue::from(secs.max(1))
+    HeaderValue::from(retry_after_secs(wait))
+}
+
+/// Whole seconds to wait, rounded up, at least one.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 #[cfg(test)]

@@ -197,7 +197,8 @@ impl Gateway {
         let stored = &answer.stored;
         let cacheable = stored.class != Class::Uncacheable;
         let age = Instant::now().saturating_duration_since(stored.stored_at);
-        let not_modified = cacheable && etag_matches(request.headers(), &stored.etag);
+        let etag = stored.etag();
+        let not_modified = cacheable && etag_matches(request.headers(), &etag);
 
         let mut response = Response::new(Full::new(Bytes::new()));
         let headers = response.headers_mut();
@@ -205,8 +206,7 @@ impl Gateway {
         headers.insert(
             "x-request-id",
             stored
-                .request_id
-                .clone()
+                .request_id()
                 .or_else(|| HeaderValue::from_str(request_id).ok())
                 .unwrap_or(HeaderValue::from_static("-")),
         );
@@ -219,24 +219,27 @@ impl Gateway {
                 header::CACHE_CONTROL,
                 cache_control(self, stored.class, age),
             );
-            headers.insert(header::ETAG, stored.etag.clone());
+            headers.insert(header::ETAG, etag);
         } else {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
-        if let Some(retry_after) = &stored.retry_after {
-            headers.insert(header::RETRY_AFTER, retry_after.clone());
+        if let Some(retry_after) = stored.retry_after() {
+            headers.insert(header::RETRY_AFTER, retry_after);
         }
         if not_modified {
             *response.status_mut() = StatusCode::NOT_MODIFIED;
             return response;
         }
-        if let Some(content_type) = &stored.content_type {
-            headers.insert(header::CONTENT_TYPE, content_type.clone());
+        if let Some(content_type) = stored.content_type() {
+            headers.insert(header::CONTENT_TYPE, content_type);
         }
         if request.method() == Method::HEAD {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
+            headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(stored.body().len()),
+            );
         } else {
-            *response.body_mut() = Full::new(stored.body.clone());
+            *response.body_mut() = Full::new(stored.body());
         }
         *response.status_mut() = stored.status;
         response

@@ -1,0 +1,470 @@
+//! Load benchmark: starts the simulator, the gateway and a bare hyper server
+//! in-process and prints, in one run:
+//!
+//! 1. cache-hit throughput and latency on a hot key, against the bare hyper
+//!    server answering the same bytes (the ceiling), as a ratio;
+//! 2. herd: 100 clients ask for a fresh key at once, upstream latency 20 ms;
+//! 3. sustained polling: C clients over K running jobs for D seconds, upstream
+//!    requests against the bound K × (D / TTL + 1);
+//! 4. memory: RSS per cached terminal entry after filling N entries.
+//!
+//! Servers run on one single-worker runtime and the load generator on another,
+//! so on a 2-core machine each side has a core. Compare ratios within one run.
+//! Knobs (environment): PGW_BENCH_SECONDS (hit phase, default 5),
+//! PGW_BENCH_CONNECTIONS (64), PGW_BENCH_POLL_SECONDS (10), PGW_BENCH_ENTRIES (1000000).
+//!
+//! Run: cargo bench --bench load
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use progress_gateway::cache::{Cache, CacheKey};
+use progress_gateway::config::Config;
+use progress_gateway::policy::CachePolicy;
+use progress_gateway::proxy::Gateway;
+use progress_gateway::route::{Api, Route};
+use progress_gateway::server;
+use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
+use progress_gateway::upstream::UpstreamResponse;
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+
+const PROJECT: &str = "0123456789abcdef0123456789abcdef";
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn client(connections: usize) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(connections)
+        .build_http()
+}
+
+async fn get(client: &HttpClient, url: &str) -> (u16, http::HeaderMap, Bytes) {
+    let response = client
+        .request(Request::get(url).body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// Latency percentiles in milliseconds from microsecond samples.
+struct Latencies(Vec<u32>);
+
+impl Latencies {
+    fn new(mut samples: Vec<u32>) -> Self {
+        samples.sort_unstable();
+        Latencies(samples)
+    }
+    fn ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.0.len() - 1) as f64 * q).round() as usize;
+        f64::from(self.0[i]) / 1000.0
+    }
+}
+
+/// Closed loop: `connections` clients request `url` for `seconds`.
+async fn hammer(url: String, connections: usize, seconds: u64) -> (f64, Latencies) {
+    let client = client(connections);
+    // Warm the pool so connection setup is not measured.
+    let warm: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for w in warm {
+        w.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(100_000);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let (status, _, _) = get(&client, &url).await;
+                    assert_eq!(status, 200);
+                    samples.push(t.elapsed().as_micros() as u32);
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    (rate, Latencies::new(all))
+}
+
+async fn start_simulator(latency: Duration) -> (Simulator, SocketAddr) {
+    start_simulator_with(latency, Some("bench-token")).await
+}
+
+async fn start_simulator_with(latency: Duration, token: Option<&str>) -> (Simulator, SocketAddr) {
+    let sim = Simulator::new(
+        SimAuth {
+            token: token.map(str::to_string),
+            ..SimAuth::default()
+        },
+        Behaviour {
+            latency,
+            job_duration: Duration::from_secs(3600),
+            ..Behaviour::default()
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = sim.clone();
+    tokio::spawn(server::serve(
+        listener,
+        move |r| {
+            let s = handle.clone();
+            async move { s.handle(r).await }
+        },
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    (sim, addr)
+}
+
+async fn start_gateway(
+    sim: SocketAddr,
+    token_file: &std::path::Path,
+    running_ttl: &str,
+) -> SocketAddr {
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+[cache]
+running_ttl = "{running_ttl}"
+[regions.sim]
+drs = "http://{sim}"
+roma = "http://{sim}"
+[credentials.main]
+kind = "token"
+token_file = "{}"
+[[projects]]
+id = "{PROJECT}"
+region = "sim"
+credential = "main"
+"#,
+        token_file.display()
+    );
+    let gateway = Gateway::new(Config::parse(&text).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::serve(
+        listener,
+        move |r| {
+            let g = gateway.clone();
+            async move { g.handle(r).await }
+        },
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    addr
+}
+
+/// The ceiling: hyper answering fixed bytes, with the same server loop.
+async fn start_bare(headers: http::HeaderMap, body: Bytes) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let template = Arc::new((headers, body));
+    tokio::spawn(server::serve(
+        listener,
+        move |_request| {
+            let template = template.clone();
+            async move {
+                let mut response = Response::new(Full::new(template.1.clone()));
+                *response.headers_mut() = template.0.clone();
+                response
+            }
+        },
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    addr
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn main() {
+    let seconds = env("PGW_BENCH_SECONDS", 5);
+    let connections = env("PGW_BENCH_CONNECTIONS", 64) as usize;
+    let poll_seconds = env("PGW_BENCH_POLL_SECONDS", 10);
+    let entries = env("PGW_BENCH_ENTRIES", 1_000_000);
+    let servers = runtime();
+    let load = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "bench-token").unwrap();
+    println!(
+        "progress-gateway load benchmark ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // 1. Hit throughput against the ceiling.
+    let (_, sim) = servers.block_on(start_simulator(Duration::ZERO));
+    let gateway = servers.block_on(start_gateway(sim, &token, "1s"));
+    let hot = format!("http://{gateway}/v2/{PROJECT}/instances/i/assets/jobs/hot_d0");
+    let (status, headers, body) = load.block_on(async { get(&client(1), &hot).await });
+    assert_eq!(status, 200);
+    let bare = servers.block_on(start_bare(headers, body.clone()));
+    // Alternate the two servers over three rounds so drift hits both alike.
+    let mut rounds: Vec<[(f64, f64, f64); 2]> = Vec::new();
+    for _ in 0..3 {
+        let mut round = [(0.0, 0.0, 0.0); 2];
+        for (i, url) in [format!("http://{bare}/"), hot.clone()]
+            .into_iter()
+            .enumerate()
+        {
+            let (rate, lat) = load.block_on(hammer(url, connections, seconds));
+            round[i] = (rate, lat.ms(0.5), lat.ms(0.99));
+        }
+        rounds.push(round);
+    }
+    let median = |i: usize, f: fn(&(f64, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(|r| f(&r[i])).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratios: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.3}", r[1].0 / r[0].0))
+        .collect();
+    println!("\n1. cache hit, {connections} connections, 3 alternating rounds of {seconds} s, body {} bytes (medians)", body.len());
+    println!(
+        "   {:<12} {:>10} {:>9} {:>9}",
+        "server", "req/s", "p50 ms", "p99 ms"
+    );
+    for (i, name) in ["bare hyper", "gateway"].into_iter().enumerate() {
+        println!(
+            "   {:<12} {:>10.0} {:>9.3} {:>9.3}",
+            name,
+            median(i, |r| r.0),
+            median(i, |r| r.1),
+            median(i, |r| r.2)
+        );
+    }
+    println!(
+        "   ratio gateway / ceiling: {:.3} (per round: {}; target >= 0.85)",
+        median(1, |r| r.0) / median(0, |r| r.0),
+        ratios.join(", ")
+    );
+
+    // 2. Herd: 100 clients on a fresh key at once, 20 ms upstream.
+    let (herd_sim, herd_sim_addr) = servers.block_on(start_simulator(Duration::from_millis(20)));
+    let herd_gateway = servers.block_on(start_gateway(herd_sim_addr, &token, "1s"));
+    // The same herd sent straight to a 20 ms simulator is the reference: what
+    // 100 concurrent clients see of the upstream latency on this machine.
+    let (_, direct_sim) = servers.block_on(start_simulator_with(Duration::from_millis(20), None));
+    let rounds = 20;
+    let herd_client = client(100);
+    load.block_on(async {
+        for w in 0..100 {
+            get(
+                &herd_client,
+                &format!("http://{herd_gateway}/v5/{PROJECT}/jobs/warm{w}_d0/export/progress"),
+            )
+            .await;
+            get(
+                &herd_client,
+                &format!("http://{direct_sim}/v5/{PROJECT}/jobs/warm{w}_d0/export/progress"),
+            )
+            .await;
+        }
+    });
+    let herd = |base: SocketAddr, round: usize| {
+        let url = format!("http://{base}/v5/{PROJECT}/jobs/herd{round}/export/progress");
+        let samples = load.block_on(async {
+            let tasks: Vec<_> = (0..100)
+                .map(|_| {
+                    let (client, url) = (herd_client.clone(), url.clone());
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        get(&client, &url).await;
+                        t.elapsed().as_micros() as u32
+                    })
+                })
+                .collect();
+            let mut samples = Vec::new();
+            for t in tasks {
+                samples.push(t.await.unwrap());
+            }
+            samples
+        });
+        let lat = Latencies::new(samples);
+        (lat.ms(0.5), lat.ms(0.99))
+    };
+    let before = herd_sim.total();
+    let (mut gw, mut direct) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        gw.push(herd(herd_gateway, round));
+        direct.push(herd(direct_sim, round));
+    }
+    let med = |v: &Vec<(f64, f64)>, f: fn(&(f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let upstream = herd_sim.total() - before;
+    println!("\n2. herd: 100 clients at once on a fresh key, upstream latency 20 ms, {rounds} rounds (medians)");
+    println!(
+        "   upstream requests per key: {:.2} (target 1)",
+        upstream as f64 / rounds as f64
+    );
+    println!("   {:<28} {:>8} {:>8}", "", "p50 ms", "p99 ms");
+    println!(
+        "   {:<28} {:>8.2} {:>8.2}",
+        "straight to the simulator",
+        med(&direct, |x| x.0),
+        med(&direct, |x| x.1)
+    );
+    println!(
+        "   {:<28} {:>8.2} {:>8.2}",
+        "through the gateway",
+        med(&gw, |x| x.0),
+        med(&gw, |x| x.1)
+    );
+    println!(
+        "   added by the gateway at p99: {:.2} ms (target <= 5 ms; nginx's lock adds up to 500 ms)",
+        med(&gw, |x| x.1) - med(&direct, |x| x.1)
+    );
+
+    // 3. Sustained polling: C clients over K running jobs for D seconds.
+    let (poll_sim, poll_sim_addr) = servers.block_on(start_simulator(Duration::from_millis(5)));
+    let ttl = 1.0;
+    let poll_gateway = servers.block_on(start_gateway(poll_sim_addr, &token, "1s"));
+    let (c, k) = (200usize, 20usize);
+    let served = load.block_on(async {
+        let client = client(c);
+        let deadline = Instant::now() + Duration::from_secs(poll_seconds);
+        let tasks: Vec<_> = (0..c)
+            .map(|i| {
+                let client = client.clone();
+                let url = format!(
+                    "http://{poll_gateway}/v2/{PROJECT}/instances/i/assets/jobs/poll{}",
+                    i % k
+                );
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        get(&client, &url).await;
+                        n += 1;
+                        // Pollers pause between polls, as real ones do.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for t in tasks {
+            n += t.await.unwrap();
+        }
+        n
+    });
+    let bound = k as f64 * (poll_seconds as f64 / ttl + 1.0);
+    println!("\n3. sustained polling: C={c} clients over K={k} running jobs for D={poll_seconds} s, TTL {ttl} s");
+    println!("   client requests {served}, upstream requests {} (bound K*(D/TTL+1) = {bound:.0}), saved {:.1}%", poll_sim.total(), 100.0 * (1.0 - poll_sim.total() as f64 / served as f64));
+
+    // 4. Memory per cached terminal entry.
+    let body = Bytes::from(format!(
+        r#"{{"id":"{}","type":"exportAsset","status":"SUCCEEDED","progress_percent":1.0,"begin_time":"2026-11-22T07:00:00Z","end_time":"2026-11-22T07:30:00Z","reasons":[],"archive_id":"archive-0"}}"#,
+        "f".repeat(32)
+    ));
+    let (per_entry, overhead) = servers.block_on(async {
+        let cache = Cache::new(CachePolicy {
+            max_bytes: 64 * 1024 * 1024 * 1024,
+            ..CachePolicy::default()
+        });
+        let before = rss_bytes();
+        for i in 0..entries {
+            let job = format!("{i:032x}");
+            let route = Route {
+                api: Api::Roma,
+                project: PROJECT,
+                instance: Some("11111111-2222-3333-4444-555555555555"),
+                job: &job,
+            };
+            let body = body.clone();
+            let fetch = move || async move {
+                Ok(UpstreamResponse {
+                    status: http::StatusCode::OK,
+                    headers: [
+                        (
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        ),
+                        (
+                            http::HeaderName::from_static("x-request-id"),
+                            http::HeaderValue::from_static("0123456789abcdef0123456789abcdef"),
+                        ),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    // A copy, as an upstream body would be: not shared with other entries.
+                    body: Bytes::copy_from_slice(&body),
+                })
+            };
+            cache
+                .get(
+                    CacheKey::new(&route, None, "token:main"),
+                    Api::Roma,
+                    PROJECT,
+                    fetch,
+                )
+                .await
+                .unwrap();
+        }
+        let (stored, _) = cache.usage();
+        assert_eq!(stored, entries);
+        let per_entry = (rss_bytes() - before) as f64 / entries as f64;
+        (per_entry, per_entry - body.len() as f64)
+    });
+    println!(
+        "\n4. memory: {entries} terminal entries, body {} bytes",
+        body.len()
+    );
+    println!("   RSS per entry {per_entry:.0} bytes, overhead beyond the body {overhead:.0} bytes (target <= 400)");
+}
