@@ -11,9 +11,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
@@ -183,8 +185,24 @@ pub struct Cache {
     inner: Arc<Inner>,
 }
 
+/// Counts read by the metrics collector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: u64,
+    pub bytes: u64,
+    /// Requests that waited for another request's fetch.
+    pub coalesced: u64,
+    /// Entries dropped to stay within the byte budget.
+    pub evictions: u64,
+    /// (API, project) pairs currently backing off after a 429.
+    pub backoffs: u64,
+}
+
 struct Inner {
-    policy: CachePolicy,
+    /// Swapped whole on a config reload; the store's byte budget stays.
+    policy: Arc<ArcSwap<CachePolicy>>,
+    coalesced: AtomicU64,
+    evictions: Arc<AtomicU64>,
     store: moka::sync::Cache<CacheKey, Stored>,
     /// std Mutex: only held to look up, insert or remove; never across an await.
     flights: Mutex<HashMap<CacheKey, Flight>>,
@@ -193,7 +211,7 @@ struct Inner {
 }
 
 /// Frees memory once an answer is past every window in which it could be served.
-struct KeepFor(CachePolicy);
+struct KeepFor(Arc<ArcSwap<CachePolicy>>);
 
 impl moka::Expiry<CacheKey, Stored> for KeepFor {
     fn expire_after_create(
@@ -202,9 +220,10 @@ impl moka::Expiry<CacheKey, Stored> for KeepFor {
         value: &Stored,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
+        let policy = self.0.load();
         match value.class {
-            Class::Terminal => self.0.terminal_idle,
-            class => self.0.keep_for(class),
+            Class::Terminal => policy.terminal_idle,
+            class => policy.keep_for(class),
         }
     }
 
@@ -217,7 +236,7 @@ impl moka::Expiry<CacheKey, Stored> for KeepFor {
         _last_modified_at: std::time::Instant,
     ) -> Option<Duration> {
         match value.class {
-            Class::Terminal => self.0.terminal_idle,
+            Class::Terminal => self.0.load().terminal_idle,
             _ => remaining,
         }
     }
@@ -235,17 +254,28 @@ impl moka::Expiry<CacheKey, Stored> for KeepFor {
 
 impl Cache {
     pub fn new(policy: CachePolicy) -> Self {
+        let max_bytes = policy.max_bytes;
+        let policy = Arc::new(ArcSwap::from_pointee(policy));
+        let evictions = Arc::new(AtomicU64::new(0));
+        let evicted = evictions.clone();
         let store = moka::sync::Cache::builder()
-            .max_capacity(policy.max_bytes)
+            .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, value: &Stored| {
                 let bytes = std::mem::size_of_val(key) + value.weight() + ENTRY_OVERHEAD;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(KeepFor(policy.clone()))
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
         Cache {
             inner: Arc::new(Inner {
                 policy,
+                coalesced: AtomicU64::new(0),
+                evictions,
                 store,
                 flights: Mutex::new(HashMap::new()),
                 backoff: Mutex::new(HashMap::new()),
@@ -253,8 +283,13 @@ impl Cache {
         }
     }
 
-    pub fn policy(&self) -> &CachePolicy {
-        &self.inner.policy
+    pub fn policy(&self) -> Arc<CachePolicy> {
+        self.inner.policy.load_full()
+    }
+
+    /// Applies a reloaded policy; the byte budget cannot change without a restart.
+    pub fn set_policy(&self, policy: CachePolicy) {
+        self.inner.policy.store(Arc::new(policy));
     }
 
     /// Entries and weighted bytes currently stored (after pending maintenance).
@@ -264,6 +299,26 @@ impl Cache {
             self.inner.store.entry_count(),
             self.inner.store.weighted_size(),
         )
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let (entries, bytes) = self.usage();
+        let now = Instant::now();
+        let backoffs = self
+            .inner
+            .backoff
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|until| **until > now)
+            .count();
+        CacheStats {
+            entries,
+            bytes,
+            coalesced: self.inner.coalesced.load(Ordering::Relaxed),
+            evictions: self.inner.evictions.load(Ordering::Relaxed),
+            backoffs: backoffs as u64,
+        }
     }
 
     /// The answer for `key`: stored, shared from a fetch in flight, or fetched by
@@ -280,11 +335,12 @@ impl Cache {
         Fut: Future<Output = Result<UpstreamResponse, GatewayError>> + Send + 'static,
     {
         let inner = &self.inner;
+        let policy = inner.policy.load();
         let now = Instant::now();
         let stored = inner.store.get(&key);
         let standing = stored
             .as_ref()
-            .map(|s| freshness(&inner.policy, s.class, now.duration_since(s.stored_at)));
+            .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
         let backoff = inner.backoff_remaining(api, project, now);
 
         match (stored, standing) {
@@ -321,7 +377,10 @@ impl Cache {
         }
 
         let (mut flight, leader) = self.join_or_start(key, api, project, fetch);
-        let wait = inner.policy.wait_timeout;
+        if !leader {
+            inner.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
+        let wait = policy.wait_timeout;
         let settled = tokio::time::timeout(wait, flight.wait_for(Option::is_some)).await;
         let outcome = match settled {
             Err(_) => return Err(Arc::new(GatewayError::WaitTimeout(wait))),
@@ -434,15 +493,16 @@ impl Inner {
                 }
             }
         };
-        let class = classify(api, response.status, &response.body, &self.policy.terminal);
+        let policy = self.policy.load();
+        let class = classify(api, response.status, &response.body, &policy.terminal);
         let status = response.status;
         let mut retry = 0;
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry_after(
                 &response.headers,
                 SystemTime::now(),
-                self.policy.retry_after_default,
-                self.policy.retry_after_max,
+                policy.retry_after_default,
+                policy.retry_after_max,
             );
             self.backoff
                 .lock()
@@ -468,7 +528,7 @@ impl Inner {
     fn stale_fallback(&self, key: &CacheKey, now: Instant) -> Option<Stored> {
         let stored = self.store.get(key)?;
         let age = now.duration_since(stored.stored_at);
-        match freshness(&self.policy, stored.class, age) {
+        match freshness(&self.policy.load(), stored.class, age) {
             Freshness::Expired => None,
             _ => Some(stored),
         }
@@ -478,7 +538,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use http::HeaderMap;
 
@@ -848,6 +908,24 @@ mod tests {
         assert_eq!(answer.stored.retry_after().unwrap(), "3");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn stats_count_coalesced_waiters_and_backoffs() {
+        let cache = Cache::new(policy());
+        let up = Upstream::new(Duration::from_millis(10));
+        up.then(Ok(response(429, "{}")));
+        let a = tokio::spawn({
+            let (cache, up) = (cache.clone(), up.clone());
+            async move { get(&cache, &up, "j").await }
+        });
+        tokio::task::yield_now().await;
+        get(&cache, &up, "j").await.unwrap();
+        a.await.unwrap().unwrap();
+        let stats = cache.stats();
+        assert_eq!((stats.coalesced, stats.backoffs, stats.entries), (1, 1, 0));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(cache.stats().backoffs, 0);
+    }
+
     #[tokio::test]
     async fn the_byte_budget_evicts() {
         let cache = Cache::new(CachePolicy {
@@ -860,9 +938,14 @@ mod tests {
         for i in 0..100 {
             get(&cache, &up, &format!("j{i}")).await.unwrap();
         }
-        let (entries, bytes) = cache.usage();
-        assert!(bytes <= 64 * 1024, "{bytes} bytes stored");
-        assert!(entries < 100 && entries > 0, "{entries} entries");
+        let stats = cache.stats();
+        assert!(stats.bytes <= 64 * 1024, "{} bytes stored", stats.bytes);
+        assert!(
+            stats.entries < 100 && stats.entries > 0,
+            "{} entries",
+            stats.entries
+        );
+        assert!(stats.evictions > 0);
     }
 
     #[test]

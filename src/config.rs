@@ -12,10 +12,14 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use toml::Spanned;
 
+use sha2::{Digest, Sha256};
+
+use crate::consumers::{Consumer, Consumers};
 use crate::credentials::iam::IamPassword;
 use crate::credentials::{AkSk, Credential, Method, Origin, SecretSource};
 use crate::policy::{CachePolicy, TerminalSets};
 use crate::route::{self, Api};
+use crate::server::Limits;
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +45,26 @@ pub enum ConfigError {
 #[derive(Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub server: ServerConfig,
+    /// The admin listener (metrics, health); None when `[admin] listen = ""`.
+    pub admin: Option<SocketAddr>,
     pub upstream: UpstreamConfig,
+    pub consumers: Consumers,
     pub cache: CachePolicy,
     /// By project ID.
     pub projects: HashMap<String, Project>,
 }
 
 #[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub limits: Limits,
+    /// How long open connections get to finish after SIGTERM or SIGINT.
+    pub drain_timeout: Duration,
+    /// Certificate and key files for TLS on the proxy listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
@@ -80,6 +97,12 @@ impl Project {
 struct RawConfig {
     listen: SocketAddr,
     #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    consumers: BTreeMap<String, Spanned<RawConsumer>>,
+    #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
     cache: RawCache,
@@ -89,6 +112,61 @@ struct RawConfig {
     credentials: BTreeMap<String, Spanned<RawCredential>>,
     #[serde(default)]
     projects: Vec<RawProject>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    max_header_bytes: ByteSize,
+    #[serde(with = "humantime_serde")]
+    drain_timeout: Duration,
+    consumer_key_header: String,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        let limits = Limits::default();
+        RawServer {
+            max_connections: limits.max_connections,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_header_bytes: ByteSize::b(limits.max_header_bytes as u64),
+            drain_timeout: Duration::from_secs(30),
+            consumer_key_header: "X-Gateway-Key".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: "127.0.0.1:9091".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    key_sha256: Option<String>,
+    key_env: Option<String>,
+    key_file: Option<PathBuf>,
+    projects: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -366,6 +444,76 @@ impl Config {
             }
         }
 
+        let mut consumers = Vec::new();
+        for (name, raw_consumer) in &raw.consumers {
+            let fail = |message: String| {
+                invalid(format!("consumers.{name}"), raw_consumer.span(), message)
+            };
+            let c = raw_consumer.get_ref();
+            let digest = match (&c.key_sha256, &c.key_env, &c.key_file) {
+                (Some(hex_digest), None, None) => {
+                    let bytes = hex::decode(hex_digest.trim())
+                        .ok()
+                        .filter(|b| b.len() == 32);
+                    bytes.ok_or_else(|| {
+                        fail("key_sha256 must be 64 hex digits (sha256sum of the key)".into())
+                    })?
+                }
+                (None, env, file) if env.is_some() != file.is_some() => {
+                    let key = SecretSource::new(one_origin(env, file).map_err(|m| fail(m.into()))?)
+                        .current()
+                        .map_err(fail)?;
+                    Sha256::digest(key.expose().as_bytes()).to_vec()
+                }
+                _ => {
+                    return Err(fail(
+                        "name exactly one of key_sha256, key_env or key_file".into(),
+                    ))
+                }
+            };
+            if let Some(unknown) = c
+                .projects
+                .iter()
+                .flatten()
+                .find(|p| !projects.contains_key(*p))
+            {
+                return Err(fail(format!(
+                    "projects lists {unknown}, which is not a served project"
+                )));
+            }
+            consumers.push(Consumer::new(
+                name,
+                digest.try_into().expect("32 bytes"),
+                c.projects.clone(),
+            ));
+        }
+        let header = http::HeaderName::from_bytes(raw.server.consumer_key_header.as_bytes())
+            .map_err(|_| ConfigError::Invalid {
+                key: "server.consumer_key_header".into(),
+                line: key_line(text, "consumer_key_header"),
+                message: "not a valid header name".into(),
+            })?;
+        let admin = match raw.admin.listen.as_str() {
+            "" => None,
+            addr => Some(addr.parse().map_err(|_| ConfigError::Invalid {
+                key: "admin.listen".into(),
+                line: key_line(text, "listen = \"").max(1),
+                message: format!("{addr:?} is not an address such as 127.0.0.1:9091"),
+            })?),
+        };
+        let s = raw.server;
+        let tls = match (s.tls_cert_file, s.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "server.tls_cert_file".into(),
+                    line: key_line(text, "tls_"),
+                    message: "tls_cert_file and tls_key_file go together".into(),
+                })
+            }
+        };
+
         let c = raw.cache;
         let whole = |key: &str, message: &str| ConfigError::Invalid {
             key: key.into(),
@@ -380,6 +528,19 @@ impl Config {
         }
         Ok(Config {
             listen: raw.listen,
+            server: ServerConfig {
+                limits: Limits {
+                    max_connections: s.max_connections.max(1),
+                    header_read_timeout: s.header_read_timeout,
+                    idle_timeout: s.idle_timeout,
+                    max_header_bytes: usize::try_from(s.max_header_bytes.as_u64())
+                        .unwrap_or(usize::MAX),
+                },
+                drain_timeout: s.drain_timeout,
+                tls,
+            },
+            admin,
+            consumers: Consumers::new(header, consumers),
             upstream,
             cache: CachePolicy {
                 running_ttl: c.running_ttl,
@@ -571,6 +732,25 @@ credential = "main"
             shown.contains("PGW_TEST_DEBUG_SECRET") && !shown.contains("s3cr3t"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn consumers_and_server_settings_are_checked() {
+        let digest = "a".repeat(64);
+        let ok = format!(
+            "{GOOD}\n[consumers.ci]\nkey_sha256 = \"{digest}\"\nprojects = [\"{PROJECT}\"]\n"
+        );
+        assert_eq!(Config::parse(&ok).unwrap().consumers.len(), 1);
+        let e = error(&ok.replace(&format!("[\"{PROJECT}\"]"), "[\"other\"]"));
+        assert!(e.contains("consumers.ci") && e.contains("other"), "{e}");
+        let e = error(&ok.replace(&digest, "abc"));
+        assert!(e.contains("64 hex digits"), "{e}");
+        let e = error(&format!("{GOOD}\n[server]\ntls_cert_file = \"c.pem\"\n"));
+        assert!(e.contains("go together"), "{e}");
+        let e = error(&format!("{GOOD}\n[admin]\nlisten = \"nowhere\"\n"));
+        assert!(e.contains("admin.listen"), "{e}");
+        let off = Config::parse(&format!("{GOOD}\n[admin]\nlisten = \"\"\n")).unwrap();
+        assert!(off.admin.is_none());
     }
 
     #[test]

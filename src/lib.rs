@@ -17,14 +17,18 @@
 //! - [`upstream`]: the pooled TLS client toward Huawei Cloud.
 //! - [`credentials`]: where secrets come from and how requests are authenticated.
 //!
-//! Beside it: [`config`] (file → checked types), [`error`] (every gateway error
-//! mapped to a status and a Huawei-shaped body) and [`simulator`] (both upstream
-//! APIs, for tests, the demo and benchmarks).
+//! Beside it: [`consumers`] (who may use the gateway), [`config`] (file →
+//! checked types, reloadable), [`error`] (every gateway error mapped to a status
+//! and a Huawei-shaped body), [`admin`] and [`metrics`] (the operator's view),
+//! and [`simulator`] (both upstream APIs, for tests, the demo and benchmarks).
 
+pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod consumers;
 pub mod credentials;
 pub mod error;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod route;

@@ -2,16 +2,19 @@
 //! the gateway, a config check, or the upstream simulator.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use progress_gateway::admin;
 use progress_gateway::config::Config;
 use progress_gateway::proxy::Gateway;
-use progress_gateway::server;
+use progress_gateway::server::{self, Tls};
 use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +44,9 @@ enum Command {
         /// Overrides `listen` from the config.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Overrides `[admin] listen` from the config.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
     },
     /// Check a config file and exit non-zero naming the key (and line) at fault.
     CheckConfig {
@@ -63,9 +69,6 @@ enum Command {
     },
 }
 
-/// How long open connections get to finish after a shutdown signal.
-const DRAIN: Duration = Duration::from_secs(10);
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -85,39 +88,11 @@ async fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve { config, listen } => {
-            let mut checked = match Config::load(&config) {
-                Ok(checked) => checked,
-                Err(error) => {
-                    eprintln!("{}: {error}", config.display());
-                    return ExitCode::from(2);
-                }
-            };
-            if let Some(listen) = listen {
-                checked.listen = listen;
-            }
-            let listener = match TcpListener::bind(checked.listen).await {
-                Ok(l) => l,
-                Err(error) => {
-                    eprintln!("cannot listen on {}: {error}", checked.listen);
-                    return ExitCode::FAILURE;
-                }
-            };
-            let gateway = Gateway::new(checked);
-            tokio::spawn(gateway.clone().prepare_credentials());
-            tracing::info!(addr = %listener.local_addr().map_or(checked_addr(&gateway), |a| a), "progress-gateway listening");
-            server::serve(
-                listener,
-                move |request| {
-                    let gateway = gateway.clone();
-                    async move { gateway.handle(request).await }
-                },
-                shutdown_signal(),
-                DRAIN,
-            )
-            .await;
-            ExitCode::SUCCESS
-        }
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+        } => serve(config, listen, admin_listen).await,
         Command::Simulate {
             listen,
             token_env,
@@ -170,8 +145,159 @@ async fn main() -> ExitCode {
     }
 }
 
-fn checked_addr(gateway: &Gateway) -> SocketAddr {
-    gateway.config().listen
+/// Loads the config and applies the command-line overrides.
+fn load(
+    path: &Path,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> Result<Config, String> {
+    let mut config = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    config.listen = listen.unwrap_or(config.listen);
+    config.admin = admin.or(config.admin);
+    Ok(config)
+}
+
+async fn serve(
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+) -> ExitCode {
+    let config = match load(&path, listen, admin_listen) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    let tls = match &config.server.tls {
+        None => None,
+        Some((cert, key)) => match Tls::load(cert, key) {
+            Ok(tls) => Some(tls),
+            Err(error) => {
+                eprintln!("TLS: {error}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let proxy = match TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(error) => {
+            eprintln!("cannot listen on {}: {error}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match config.admin {
+        None => None,
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(error) => {
+                eprintln!("cannot listen on {addr} (admin): {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let (limits, drain) = (config.server.limits.clone(), config.server.drain_timeout);
+    let gateway = Gateway::new(config);
+    gateway.set_listening();
+    tokio::spawn(gateway.clone().prepare_credentials());
+
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let proxy_addr = proxy.local_addr().expect("bound");
+    let admin_addr = admin.as_ref().map(|a| a.local_addr().expect("bound"));
+    // On stdout, so scripts that bind port 0 learn the addresses.
+    println!(
+        "listening proxy={scheme}://{proxy_addr} admin={}",
+        admin_addr.map_or("off".to_string(), |a| format!("http://{a}"))
+    );
+    tracing::info!(%proxy_addr, admin = ?admin_addr, "progress-gateway listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    if let Some(admin) = admin {
+        let gateway = gateway.clone();
+        tokio::spawn(server::serve(
+            admin,
+            move |request| {
+                let gateway = gateway.clone();
+                async move { admin::handle(&gateway, &request) }
+            },
+            stopped(),
+            Duration::from_secs(1),
+        ));
+    }
+    tokio::spawn(signals(
+        path,
+        listen,
+        admin_listen,
+        gateway.clone(),
+        tls.clone(),
+        stop_tx,
+    ));
+    server::serve_with(
+        proxy,
+        tls,
+        limits,
+        move |request| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(request).await }
+        },
+        stopped(),
+        drain,
+    )
+    .await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// SIGHUP reloads the config (and TLS files); SIGTERM or SIGINT stops.
+async fn signals(
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    gateway: Arc<Gateway>,
+    tls: Option<Arc<Tls>>,
+    stop: tokio::sync::watch::Sender<bool>,
+) {
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+        match load(&path, listen, admin) {
+            Err(error) => {
+                tracing::error!(%error, "config reload refused; the running config stays")
+            }
+            Ok(config) => {
+                for key in gateway.reload(config) {
+                    tracing::warn!(
+                        key,
+                        "changed in the config file; takes effect after a restart"
+                    );
+                }
+                tokio::spawn(gateway.clone().prepare_credentials());
+                tracing::info!(path = %path.display(), "config reloaded");
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "TLS reload refused; the running certificate stays")
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections, draining open ones");
+    let _ = stop.send(true);
 }
 
 fn init_logging(format: LogFormat) {
@@ -186,13 +312,11 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM (for the simulator).
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down: no new connections, draining open ones");
 }

@@ -4,9 +4,11 @@
 //! [`Gateway::handle`] logs and turns errors into Huawei-shaped answers around
 //! [`Gateway::answer`], which returns `Result` and uses `?` freely.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -15,6 +17,7 @@ use tokio::time::Instant;
 use crate::cache::{Answer, Cache, CacheKey};
 use crate::config::{Config, Project};
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 use crate::policy::{freshness, CacheStatus, Class, Freshness};
 use crate::route::{self, Api, Route};
 use crate::upstream::{Upstream, UpstreamResponse};
@@ -25,10 +28,19 @@ const TERMINAL_MAX_AGE: &str = "max-age=86400";
 
 const USER_AGENT: &str = concat!("progress-gateway/", env!("CARGO_PKG_VERSION"));
 
-/// The gateway's shared state: config, cache and upstream client.
+/// The gateway: the running state (swapped whole on a config reload), the
+/// cache (kept across reloads) and the metrics.
 pub struct Gateway {
-    config: Config,
+    state: ArcSwap<State>,
     cache: Cache,
+    metrics: Metrics,
+    /// Set once the proxy listener is bound (for `/readyz`).
+    listening: AtomicBool,
+}
+
+/// What a config reload replaces.
+pub struct State {
+    pub config: Config,
     upstream: Upstream,
 }
 
@@ -37,31 +49,91 @@ pub struct Gateway {
 struct Trace {
     api: Option<Api>,
     project: Option<String>,
+    consumer: Option<String>,
     cache: Option<CacheStatus>,
     error: Option<&'static str>,
 }
 
 impl Gateway {
     pub fn new(config: Config) -> Arc<Self> {
-        Arc::new(Gateway {
+        Arc::new_cyclic(|weak| Gateway {
             cache: Cache::new(config.cache.clone()),
-            upstream: Upstream::new(&config.upstream),
-            config,
+            metrics: Metrics::new(weak.clone()),
+            state: ArcSwap::from_pointee(State {
+                upstream: Upstream::new(&config.upstream),
+                config,
+            }),
+            listening: AtomicBool::new(false),
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The running state; a reload does not change an `Arc` already taken.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
     }
 
     pub fn cache(&self) -> &Cache {
         &self.cache
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the running config at once: requests in progress finish with
+    /// the old one, connections and cached answers stay. Returns the keys that
+    /// changed but only take effect after a restart.
+    pub fn reload(&self, config: Config) -> Vec<&'static str> {
+        let old = self.state.load();
+        let was = &old.config;
+        let mut restart = Vec::new();
+        for (changed, key) in [
+            (config.listen != was.listen, "listen"),
+            (config.admin != was.admin, "admin.listen"),
+            (
+                config.cache.max_bytes != was.cache.max_bytes,
+                "cache.max_bytes",
+            ),
+            (
+                config.server.tls != was.server.tls,
+                "server.tls_cert_file / tls_key_file",
+            ),
+            (
+                config.server.limits != was.server.limits,
+                "server connection limits",
+            ),
+            (
+                config.server.drain_timeout != was.server.drain_timeout,
+                "server.drain_timeout",
+            ),
+        ] {
+            if changed {
+                restart.push(key);
+            }
+        }
+        let upstream = if config.upstream == was.upstream {
+            old.upstream.clone()
+        } else {
+            Upstream::new(&config.upstream)
+        };
+        self.cache.set_policy(config.cache.clone());
+        self.state.store(Arc::new(State { config, upstream }));
+        restart
+    }
+
     /// Obtains every project's credential ahead of the first request, logging
     /// those that cannot be used yet (their requests get 503 until they can).
     pub async fn prepare_credentials(self: Arc<Self>) {
-        for project in self.config.projects.values() {
+        let state = self.state();
+        for project in state.config.projects.values() {
             if let Err(reason) = project.credential.prepare(&project.id).await {
                 tracing::warn!(project = %project.id, credential = %project.credential.name, %reason, "credential not usable yet; its requests get 503");
             }
@@ -73,7 +145,8 @@ impl Gateway {
         let started = std::time::Instant::now();
         let request_id = request_id(request.headers());
         let mut trace = Trace::default();
-        let response = match self.answer(&request, &request_id, &mut trace).await {
+        let state = self.state();
+        let response = match self.answer(&state, &request, &request_id, &mut trace).await {
             Ok(response) => response,
             Err(error) => {
                 trace.error = Some(error.code());
@@ -83,13 +156,18 @@ impl Gateway {
                 error.to_response(&request_id)
             }
         };
+        let route = trace.api.map_or("-", Api::as_str);
+        let cache = trace.cache.map_or("-", CacheStatus::as_str);
+        self.metrics
+            .request(route, response.status().as_u16(), cache);
         tracing::info!(
             target: "progress_gateway::access",
             method = %request.method(),
-            route = trace.api.map_or("-", Api::as_str),
+            route,
             project = trace.project.as_deref().unwrap_or("-"),
+            consumer = trace.consumer.as_deref().unwrap_or("-"),
             status = response.status().as_u16(),
-            cache = trace.cache.map_or("-", CacheStatus::as_str),
+            cache,
             error = trace.error.unwrap_or("-"),
             latency_us = started.elapsed().as_micros() as u64,
             request_id = %request_id,
@@ -99,6 +177,7 @@ impl Gateway {
 
     async fn answer<B>(
         &self,
+        state: &State,
         request: &Request<B>,
         request_id: &str,
         trace: &mut Trace,
@@ -107,14 +186,19 @@ impl Gateway {
             route::parse(request.method(), request.uri().path()).map_err(GatewayError::from)?;
         trace.api = Some(route.api);
         trace.project = Some(route.project.to_string());
-        let project = self
+        let consumer = state
+            .config
+            .consumers
+            .check(request.headers(), route.project)?;
+        trace.consumer = consumer.map(str::to_string);
+        let project = state
             .config
             .projects
             .get(route.project)
             .ok_or_else(|| GatewayError::ProjectNotServed(route.project.to_string()))?;
         let language = language(request.headers())?;
         let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
-        let fetch = self.fetcher(&route, project, language, request_id);
+        let fetch = self.fetcher(state, &route, project, language, request_id);
         let answer = self.cache.get(key, route.api, route.project, fetch).await?;
         trace.cache = Some(answer.status);
         Ok(self.respond(&answer, request, request_id))
@@ -124,6 +208,7 @@ impl Gateway {
     /// reads the credential only when it runs (a rotated token is picked up).
     fn fetcher(
         &self,
+        state: &State,
         route: &Route,
         project: &Project,
         language: Option<String>,
@@ -137,7 +222,8 @@ impl Gateway {
         let project_id = project.id.clone();
         let credential = project.credential.clone();
         let request_id = request_id.to_string();
-        let upstream = self.upstream.clone();
+        let upstream = state.upstream.clone();
+        let recorder = self.metrics.upstream();
         move || {
             Box::pin(async move {
                 // Built from scratch: nothing the client sent reaches upstream
@@ -165,12 +251,28 @@ impl Gateway {
                     project: project_id.clone(),
                     reason,
                 };
+                // Every upstream exchange is counted and timed, retries included.
+                let send = |request| async {
+                    let started = std::time::Instant::now();
+                    let result = upstream.send(api, request).await;
+                    let (status, outcome) = match &result {
+                        Ok(response) => (response.status.as_u16(), "answered"),
+                        Err(GatewayError::UpstreamTimeout { .. }) => (0, "timeout"),
+                        Err(GatewayError::UpstreamUnreachable { .. }) => (0, "unreachable"),
+                        Err(_) => (0, "invalid"),
+                    };
+                    recorder.record(api.as_str(), status, outcome, started.elapsed());
+                    result
+                };
                 let mut request = build()?;
                 let used = credential
                     .authorize(&project_id, &mut request)
                     .await
-                    .map_err(unavailable)?;
-                let response = upstream.send(api, request).await?;
+                    .map_err(|reason| {
+                        recorder.record(api.as_str(), 0, "credential", Duration::ZERO);
+                        unavailable(reason)
+                    })?;
+                let response = send(request).await?;
                 // A revoked or expired token: refresh once and retry once.
                 if response.status == StatusCode::UNAUTHORIZED
                     && credential.rejected(&project_id, &used)
@@ -181,7 +283,7 @@ impl Gateway {
                         .authorize(&project_id, &mut request)
                         .await
                         .map_err(unavailable)?;
-                    return upstream.send(api, request).await;
+                    return send(request).await;
                 }
                 Ok(response)
             })
@@ -247,7 +349,7 @@ impl Gateway {
 }
 
 fn cache_control(gateway: &Gateway, class: Class, age: Duration) -> HeaderValue {
-    match freshness(gateway.cache.policy(), class, age) {
+    match freshness(&gateway.cache.policy(), class, age) {
         Freshness::Fresh { remaining: None } => HeaderValue::from_static(TERMINAL_MAX_AGE),
         Freshness::Fresh {
             remaining: Some(left),

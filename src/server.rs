@@ -1,22 +1,106 @@
-//! Listening: accept connections, serve HTTP/1.1 and HTTP/2 (h2c) on each, and
-//! drain gracefully on shutdown. Shared by the gateway and the simulator.
+//! Listening: accept connections (optionally over TLS), serve HTTP/1.1 and
+//! HTTP/2 on each (h2c by prior knowledge, h2 by ALPN), enforce the limits a
+//! public-facing server needs, and drain gracefully on shutdown. Shared by the
+//! gateway, its admin listener and the simulator.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
-/// Serves `handler` on `listener` until `shutdown` resolves, then stops
-/// accepting and gives open connections up to `drain` to finish.
+/// Connection limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; further ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (and finish a TLS handshake).
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection without traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest request head accepted (HTTP/1.1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// TLS for a listener: cert and key files, re-read by [`Tls::reload`].
+pub struct Tls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    acceptor: ArcSwap<TlsAcceptor>,
+}
+
+impl Tls {
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<Tls>, String> {
+        let acceptor = acceptor(cert_file, key_file)?;
+        Ok(Arc::new(Tls {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            acceptor: ArcSwap::from_pointee(acceptor),
+        }))
+    }
+
+    /// Re-reads the files; new connections use them, open ones keep theirs.
+    pub fn reload(&self) -> Result<(), String> {
+        let acceptor = acceptor(&self.cert_file, &self.key_file)?;
+        self.acceptor.store(Arc::new(acceptor));
+        Ok(())
+    }
+}
+
+fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let certs = rustls_pemfile::certs(&mut &read(cert_file)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate", cert_file.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(key_file)?[..])
+        .map_err(|e| format!("{}: {e}", key_file.display()))?
+        .ok_or_else(|| format!("{}: no PEM private key", key_file.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `handler` on `listener` with default limits and no TLS.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     handler: H,
@@ -26,10 +110,45 @@ pub async fn serve<H, Fut>(
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
+    serve_with(listener, None, Limits::default(), handler, shutdown, drain).await
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then stops
+/// accepting and gives open connections up to `drain` to finish.
+pub async fn serve_with<H, Fut>(
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    limits: Limits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's floor for the read buffer is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Each connection holds a sender; `recv` returns None once all are gone.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
+        // Waiting for a slot before accepting leaves excess clients in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -48,17 +167,141 @@ pub async fn serve<H, Fut>(
             let response = handler(request);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
+        let (stop, alive) = (stop_rx.clone(), alive_tx.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+            let _slot = slot;
+            let _alive = alive;
+            match tls {
+                None => connection(stream, &builder, service, &limits, stop).await,
+                Some(tls) => {
+                    let acceptor = tls.acceptor.load_full();
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            connection(stream, &builder, service, &limits, stop).await
+                        }
+                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
             }
         });
     }
     drop(listener);
+    let _ = stop_tx.send(true);
+    drop(alive_tx);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = alive_rx.recv() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(drain) => tracing::warn!(deadline = ?drain, "drain deadline passed; closing the rest"),
+    }
+}
+
+/// Serves one connection until it ends, closing it gracefully when it has been
+/// idle too long or the server stops (a request in progress still completes).
+async fn connection<IO, S>(
+    io: IO,
+    builder: &auto::Builder<TokioExecutor>,
+    service: S,
+    limits: &Limits,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let epoch = Instant::now();
+    let last_activity = Arc::new(AtomicU64::new(0));
+    let io = Watched {
+        inner: io,
+        epoch,
+        last_activity: last_activity.clone(),
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut check = tokio::time::interval(limits.idle_timeout.max(Duration::from_millis(20)) / 4);
+    let mut closing = *stop.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = check.tick(), if !closing => {
+                let idle_ms = epoch.elapsed().as_millis() as u64 - last_activity.load(Ordering::Relaxed);
+                if Duration::from_millis(idle_ms) >= limits.idle_timeout {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// An I/O stream that records when it last moved bytes, for the idle timeout.
+struct Watched<IO> {
+    inner: IO,
+    epoch: Instant,
+    last_activity: Arc<AtomicU64>,
+}
+
+impl<IO> Watched<IO> {
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_activity.store(now, Ordering::Relaxed);
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.touch();
+        }
+        result
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -7,6 +7,7 @@
 //! with exponential backoff, so a struggling IAM is not hammered.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +35,8 @@ pub struct IamPassword {
     /// First pause after a failed IAM call (doubling up to a minute).
     pub retry_backoff: Duration,
     client: Upstream,
+    /// Tokens obtained so far (for metrics).
+    issued: AtomicU64,
     /// std Mutex: only to find or add a project's slot.
     slots: Mutex<HashMap<String, Arc<Slot>>>,
 }
@@ -78,8 +81,13 @@ impl IamPassword {
             margin,
             retry_backoff,
             client,
+            issued: AtomicU64::new(0),
             slots: Mutex::default(),
         }
+    }
+
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
     }
 
     fn slot(&self, project: &str) -> Arc<Slot> {
@@ -125,6 +133,7 @@ impl IamPassword {
         }
         match self.issue(project).await {
             Ok(issued) => {
+                self.issued.fetch_add(1, Ordering::Relaxed);
                 *slot.current.lock().unwrap() = Some(issued.clone());
                 *backoff = Backoff::default();
                 Ok(issued.token)

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -240,6 +241,8 @@ pub struct Credential {
     /// The principal, for the cache key: stable across token refreshes.
     identity: Arc<str>,
     method: Method,
+    /// Requests that found no usable credential (for metrics).
+    failures: AtomicU64,
 }
 
 impl Credential {
@@ -255,7 +258,17 @@ impl Credential {
             name: name.to_string(),
             identity: identity.into(),
             method,
+            failures: AtomicU64::new(0),
         }
+    }
+
+    /// Credentials obtained (IAM tokens issued) and requests left without one.
+    pub fn stats(&self) -> (u64, u64) {
+        let refreshes = match &self.method {
+            Method::IamPassword(iam) => iam.issued(),
+            _ => 0,
+        };
+        (refreshes, self.failures.load(Ordering::Relaxed))
     }
 
     pub fn identity(&self) -> &Arc<str> {
