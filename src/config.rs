@@ -30,9 +30,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// toml's own message names the line, the column and the key.
-    #[error("{0}")]
-    Parse(#[from] toml::de::Error),
+    /// toml's message names the key; one line, for logs.
+    #[error("line {line}, column {column}: {message}")]
+    Parse {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("line {line}: `{key}`: {message}")]
     Invalid {
         key: String,
@@ -299,7 +303,15 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start).min(text.len());
+            let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            ConfigError::Parse {
+                line: text[..at].matches('\n').count() + 1,
+                column: text[line_start..at].chars().count() + 1,
+                message: e.message().trim().to_string(),
+            }
+        })?;
         let invalid = |key: String, span: std::ops::Range<usize>, message: String| {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
             ConfigError::Invalid { key, line, message }

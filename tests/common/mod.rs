@@ -33,6 +33,8 @@ pub struct Harness {
     pub sim: Simulator,
     pub sim_addr: SocketAddr,
     pub addr: SocketAddr,
+    /// The admin listener (metrics, health).
+    pub admin: SocketAddr,
     pub gateway: Arc<Gateway>,
     client: Client<HttpConnector, Empty<Bytes>>,
     _dir: tempfile::TempDir,
@@ -162,10 +164,24 @@ credential = "second"
         std::future::pending(),
         Duration::ZERO,
     ));
+    gateway.set_listening();
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let handle = gateway.clone();
+    tokio::spawn(server::serve(
+        admin_listener,
+        move |request| {
+            let gateway = handle.clone();
+            async move { progress_gateway::admin::handle(&gateway, &request) }
+        },
+        std::future::pending(),
+        Duration::ZERO,
+    ));
     Harness {
         sim,
         sim_addr,
         addr,
+        admin,
         gateway,
         client: Client::builder(TokioExecutor::new()).build_http(),
         _dir: dir,
@@ -206,9 +222,23 @@ impl Harness {
     }
 
     pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request_to(self.addr, method, path, headers).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        self.request_to(self.admin, "GET", path, &[]).await
+    }
+
+    pub async fn request_to(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let mut builder = Request::builder()
             .method(method)
-            .uri(format!("http://{}{path}", self.addr));
+            .uri(format!("http://{addr}{path}"));
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }

@@ -1,0 +1,226 @@
+//! The real binary under real signals: SIGTERM drains, SIGHUP reloads.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use progress_gateway::simulator::Behaviour;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+struct Process {
+    child: Child,
+    proxy: SocketAddr,
+    logs: mpsc::UnboundedReceiver<String>,
+}
+
+fn config(sim: SocketAddr, dir: &std::path::Path, extra: &str, projects: &[&str]) -> String {
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\n{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[regions.sim]\ndrs = \"http://{sim}\"\nroma = \"http://{sim}\"\n\n[credentials.main]\nkind = \"token\"\ntoken_file = \"{}/token\"\n",
+        dir.display()
+    );
+    for project in projects {
+        text.push_str(&format!(
+            "\n[[projects]]\nid = \"{project}\"\nregion = \"sim\"\ncredential = \"main\"\n"
+        ));
+    }
+    text
+}
+
+async fn spawn_gateway(config: &std::path::Path) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_progress-gateway"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("the gateway starts")
+        .unwrap()
+        .expect("a listening line");
+    let proxy = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("proxy=http://"))
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    let (tx, logs) = mpsc::unbounded_channel();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Process { child, proxy, logs }
+}
+
+impl Process {
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Log lines up to and including the first that contains `needle`.
+    async fn logs_until(&mut self, needle: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), self.logs.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} after {seen:#?}"))
+                .expect("the gateway is running");
+            let done = line.contains(needle);
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 request on an open keep-alive connection: status, head, body.
+async fn raw_get(stream: &mut TcpStream, path: &str) -> (u16, String, String) {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, head, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
+    let slow = Behaviour {
+        latency: Duration::from_millis(1500),
+        ..Behaviour::default()
+    };
+    let (sim, sim_addr) = start_simulator(slow).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        config(
+            sim_addr,
+            dir.path(),
+            "[server]\ndrain_timeout = \"20s\"",
+            &[PROJECT],
+        ),
+    )
+    .unwrap();
+    let mut gateway = spawn_gateway(&path).await;
+
+    let mut in_flight = TcpStream::connect(gateway.proxy).await.unwrap();
+    let request = tokio::spawn(async move { raw_get(&mut in_flight, &drs_path("slow")).await });
+    sim.arrived(1).await;
+    gateway.signal("TERM");
+    gateway.logs_until("shutting down").await;
+
+    // The listener closes right after the signal is handled; allow it a moment.
+    let mut refused = false;
+    for _ in 0..100 {
+        if TcpStream::connect(gateway.proxy).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "new connections are refused during the drain");
+    let (status, _, body) = request.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("pending"));
+    let exit = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_valid_config_live_and_refuses_an_invalid_one() {
+    let (_sim, sim_addr) = start_simulator(Behaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let path = dir.path().join("gateway.toml");
+    let cache = "[cache]\nrunning_ttl = \"1h\"";
+    std::fs::write(&path, config(sim_addr, dir.path(), cache, &[PROJECT])).unwrap();
+    let mut gateway = spawn_gateway(&path).await;
+
+    let mut connection = TcpStream::connect(gateway.proxy).await.unwrap();
+    let (status, head, _) = raw_get(&mut connection, &drs_path("kept")).await;
+    assert_eq!((status, head.contains("x-cache: miss")), (200, true));
+    let other = format!("/v5/{OTHER_PROJECT}/jobs/j/export/progress");
+    assert_eq!(raw_get(&mut connection, &other).await.0, 403);
+
+    // A second project, and a new listen address that needs a restart.
+    let next = config(sim_addr, dir.path(), cache, &[PROJECT, OTHER_PROJECT]).replace(
+        "listen = \"127.0.0.1:0\"\n[cache]",
+        "listen = \"127.0.0.1:1\"\n[cache]",
+    );
+    std::fs::write(&path, next).unwrap();
+    gateway.signal("HUP");
+    let lines = gateway.logs_until("config reloaded").await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("after a restart") && l.contains("listen")),
+        "{lines:#?}"
+    );
+
+    // Same connection, same cache, new projects.
+    let (status, head, _) = raw_get(&mut connection, &drs_path("kept")).await;
+    assert_eq!(
+        (status, head.contains("x-cache: hit")),
+        (200, true),
+        "{head}"
+    );
+    assert_eq!(raw_get(&mut connection, &other).await.0, 200);
+
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nbogus_key = 1\n").unwrap();
+    gateway.signal("HUP");
+    let lines = gateway.logs_until("config reload refused").await;
+    let refused = lines.last().unwrap();
+    assert!(
+        refused.contains("bogus_key") && refused.contains("line 2"),
+        "{refused}"
+    );
+    assert_eq!(
+        raw_get(&mut connection, &other).await.0,
+        200,
+        "the old config keeps serving"
+    );
+    gateway.signal("TERM");
+    let exit = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}

@@ -1,0 +1,355 @@
+//! What an operator relies on, over real sockets: metrics, health and
+//! readiness, consumer keys, connection limits, HTTP/2 and TLS.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use progress_gateway::server::{self, Limits, Tls};
+use progress_gateway::simulator::Behaviour;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[tokio::test]
+async fn metrics_count_requests_upstream_calls_and_cache_state() {
+    let h = start("[cache]\nrunning_ttl = \"10s\"").await;
+    h.get(&drs_path("m")).await;
+    h.get(&drs_path("m")).await;
+    h.get("/nope").await;
+    let reply = h.admin_get("/metrics").await;
+    assert_eq!(reply.status, 200);
+    assert!(reply
+        .header("content-type")
+        .starts_with("application/openmetrics-text"));
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    for line in [
+        r#"pgw_requests_total{route="drs",status="200",cache="MISS"} 1"#,
+        r#"pgw_requests_total{route="drs",status="200",cache="HIT"} 1"#,
+        r#"pgw_requests_total{route="-",status="404",cache="-"} 1"#,
+        r#"pgw_upstream_requests_total{api="drs",status="200",outcome="answered"} 1"#,
+        r#"pgw_upstream_latency_seconds_count{api="drs"} 1"#,
+        "pgw_cache_entries 1",
+        "pgw_cache_evictions_total 0",
+        "pgw_coalesced_waiters_total 0",
+        "pgw_upstream_backoffs 0",
+        r#"pgw_credential_failures_total{credential="main",kind="token"} 0"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(!text.contains(TOKEN));
+}
+
+#[tokio::test]
+async fn healthz_is_alive_and_readyz_names_projects_without_credentials() {
+    let h = start("").await;
+    assert_eq!(h.admin_get("/healthz").await.status, 200);
+    let ready = h.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "{:?}", ready.body);
+    assert_eq!(ready.json()["ready"], true);
+
+    std::fs::remove_file(h.token_path()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the file is rechecked once a second
+    let unready = h.admin_get("/readyz").await;
+    assert_eq!(unready.status, 503);
+    let body = unready.json();
+    assert_eq!(body["ready"], false);
+    let listed: Vec<_> = body["unready"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["project"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        listed.len(),
+        2,
+        "both projects read the removed file: {body}"
+    );
+    assert!(body["unready"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("cannot read"));
+    assert_eq!(h.admin_get("/other").await.status, 404);
+}
+
+fn sha256_hex(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[tokio::test]
+async fn consumer_keys_gate_projects() {
+    let sections = format!(
+        "[consumers.ci]\nkey_sha256 = \"{}\"\nprojects = [\"{PROJECT}\"]\n\n[consumers.ops]\nkey_sha256 = \"{}\"\n",
+        sha256_hex("ci-secret-key"),
+        sha256_hex("ops-secret-key")
+    );
+    let h = start(&sections).await;
+    let other = format!("/v5/{OTHER_PROJECT}/jobs/j/export/progress");
+    assert_gateway_error(&h.get(&drs_path("j")).await, 401, "PGW.4010");
+    let wrong = h
+        .request("GET", &drs_path("j"), &[("x-gateway-key", "guess")])
+        .await;
+    assert_gateway_error(&wrong, 401, "PGW.4010");
+    let signed = [
+        ("x-gateway-key", "ci-secret-key"),
+        (
+            "authorization",
+            "SDK-HMAC-SHA256 Access=AK, SignedHeaders=host, Signature=00",
+        ),
+    ];
+    assert_eq!(h.request("GET", &drs_path("j"), &signed).await.status, 200);
+    assert!(
+        !h.sim
+            .last_headers(&drs_path("j"))
+            .unwrap()
+            .contains_key("x-gateway-key"),
+        "the key is not forwarded"
+    );
+    assert_gateway_error(
+        &h.request("GET", &other, &[("x-gateway-key", "ci-secret-key")])
+            .await,
+        403,
+        "PGW.4031",
+    );
+    assert_eq!(
+        h.request("GET", &other, &[("x-gateway-key", "ops-secret-key")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(h.sim.total(), 2);
+}
+
+/// Reads until the server closes the connection; returns what arrived.
+async fn read_to_close(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut all))
+        .await
+        .expect("the server closed the connection in time")
+        .unwrap();
+    all
+}
+
+async fn start_limited(limits: &str) -> Harness {
+    start(&format!("[server]\n{limits}")).await
+}
+
+/// The harness serves with default limits; these tests run their own listener.
+async fn serve_limited(h: &Harness) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gateway = h.gateway.clone();
+    let limits = gateway.state().config.server.limits.clone();
+    tokio::spawn(server::serve_with(
+        listener,
+        None,
+        limits,
+        move |request| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(request).await }
+        },
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    addr
+}
+
+#[tokio::test]
+async fn a_slow_header_sender_is_disconnected() {
+    let h = start_limited("header_read_timeout = \"300ms\"").await;
+    let addr = serve_limited(&h).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let h = start_limited("idle_timeout = \"300ms\"").await;
+    let addr = serve_limited(&h).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let path = drs_path("idle");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let h = start_limited("max_header_bytes = \"8KiB\"").await;
+    let addr = serve_limited(&h).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let big = "a".repeat(20_000);
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n",
+        drs_path("j")
+    );
+    let _ = stream.write_all(request.as_bytes()).await;
+    let answer = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(80)])
+    );
+    assert_eq!(h.sim.total(), 0);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let h = start_limited("max_connections = 1").await;
+    let addr = serve_limited(&h).await;
+    let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", drs_path("j"));
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    first.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+
+    // The second connection is accepted by the kernel but not served ...
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    second.write_all(request.as_bytes()).await.unwrap();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(300), second.read_exact(&mut buf)).await;
+    assert!(waited.is_err(), "served beyond max_connections");
+    // ... until the first one leaves.
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), second.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+}
+
+#[tokio::test]
+async fn http2_cleartext_is_served() {
+    let h = start("").await;
+    let stream = TcpStream::connect(h.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{}{}", h.addr, roma_path("h2")))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("RUNNING"));
+}
+
+fn self_signed(dir: &std::path::Path, name: &str) -> rcgen::CertifiedKey {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), certified.cert.pem()).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.key")),
+        certified.key_pair.serialize_pem(),
+    )
+    .unwrap();
+    certified
+}
+
+/// A TLS client that trusts only `trusted`; returns the negotiated ALPN and status.
+async fn tls_get(
+    addr: std::net::SocketAddr,
+    trusted: &rcgen::CertifiedKey,
+    path: &str,
+) -> Result<(Vec<u8>, u16), String> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let alpn = tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((alpn, response.status().as_u16()))
+}
+
+#[tokio::test]
+async fn tls_serves_and_a_reload_switches_certificates() {
+    let h = start_with(Behaviour::default(), "", None).await;
+    let first = self_signed(h.dir(), "first");
+    let tls = Tls::load(&h.dir().join("first.pem"), &h.dir().join("first.key")).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gateway = h.gateway.clone();
+    tokio::spawn(server::serve_with(
+        listener,
+        Some(tls.clone()),
+        Limits::default(),
+        move |request| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(request).await }
+        },
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    let (alpn, status) = tls_get(addr, &first, &drs_path("tls")).await.unwrap();
+    assert_eq!((alpn.as_slice(), status), (&b"http/1.1"[..], 200));
+
+    // New files in place, then a reload (what SIGHUP does).
+    let second = self_signed(h.dir(), "second");
+    std::fs::rename(h.dir().join("second.pem"), h.dir().join("first.pem")).unwrap();
+    std::fs::rename(h.dir().join("second.key"), h.dir().join("first.key")).unwrap();
+    tls.reload().unwrap();
+    assert_eq!(
+        tls_get(addr, &second, &drs_path("tls")).await.unwrap().1,
+        200
+    );
+    assert!(
+        tls_get(addr, &first, &drs_path("tls")).await.is_err(),
+        "the old certificate is gone"
+    );
+
+    std::fs::write(h.dir().join("first.pem"), "not a certificate").unwrap();
+    assert!(tls.reload().is_err());
+    assert_eq!(
+        tls_get(addr, &second, &drs_path("tls")).await.unwrap().1,
+        200,
+        "a bad reload keeps the running certificate"
+    );
+}
