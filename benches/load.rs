@@ -20,144 +20,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use http::Response;
+use http_body_util::Full;
 use progress_gateway::cache::{Cache, CacheKey};
 use progress_gateway::config::Config;
 use progress_gateway::policy::CachePolicy;
 use progress_gateway::proxy::Gateway;
 use progress_gateway::route::{Api, Route};
 use progress_gateway::server;
-use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
 use progress_gateway::upstream::UpstreamResponse;
 use tokio::net::TcpListener;
-use tokio::runtime::Runtime;
 
-const PROJECT: &str = "0123456789abcdef0123456789abcdef";
+mod common;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
-fn client(connections: usize) -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(connections)
-        .build_http()
-}
-
-async fn get(client: &HttpClient, url: &str) -> (u16, http::HeaderMap, Bytes) {
-    let response = client
-        .request(Request::get(url).body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    (
-        parts.status.as_u16(),
-        parts.headers,
-        body.collect().await.unwrap().to_bytes(),
-    )
-}
-
-/// Latency percentiles in milliseconds from microsecond samples.
-struct Latencies(Vec<u32>);
-
-impl Latencies {
-    fn new(mut samples: Vec<u32>) -> Self {
-        samples.sort_unstable();
-        Latencies(samples)
-    }
-    fn ms(&self, q: f64) -> f64 {
-        if self.0.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.0.len() - 1) as f64 * q).round() as usize;
-        f64::from(self.0[i]) / 1000.0
-    }
-}
-
-/// Closed loop: `connections` clients request `url` for `seconds`.
-async fn hammer(url: String, connections: usize, seconds: u64) -> (f64, Latencies) {
-    let client = client(connections);
-    // Warm the pool so connection setup is not measured.
-    let warm: Vec<_> = (0..connections)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move { get(&client, &url).await })
-        })
-        .collect();
-    for w in warm {
-        w.await.unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move {
-                let mut samples = Vec::with_capacity(100_000);
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let (status, _, _) = get(&client, &url).await;
-                    assert_eq!(status, 200);
-                    samples.push(t.elapsed().as_micros() as u32);
-                }
-                samples
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
-    (rate, Latencies::new(all))
-}
-
-async fn start_simulator(latency: Duration) -> (Simulator, SocketAddr) {
-    start_simulator_with(latency, Some("bench-token")).await
-}
-
-async fn start_simulator_with(latency: Duration, token: Option<&str>) -> (Simulator, SocketAddr) {
-    let sim = Simulator::new(
-        SimAuth {
-            token: token.map(str::to_string),
-            ..SimAuth::default()
-        },
-        Behaviour {
-            latency,
-            job_duration: Duration::from_secs(3600),
-            ..Behaviour::default()
-        },
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = sim.clone();
-    tokio::spawn(server::serve(
-        listener,
-        move |r| {
-            let s = handle.clone();
-            async move { s.handle(r).await }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
-    (sim, addr)
-}
+use common::*;
 
 async fn start_gateway(
     sim: SocketAddr,
@@ -244,7 +120,7 @@ fn main() {
     );
 
     // 1. Hit throughput against the ceiling.
-    let (_, sim) = servers.block_on(start_simulator(Duration::ZERO));
+    let (_, sim) = servers.block_on(start_simulator(Duration::ZERO, Some("bench-token")));
     let gateway = servers.block_on(start_gateway(sim, &token, "1s"));
     let hot = format!("http://{gateway}/v2/{PROJECT}/instances/i/assets/jobs/hot_d0");
     let (status, headers, body) = load.block_on(async { get(&client(1), &hot).await });
@@ -293,11 +169,14 @@ fn main() {
     );
 
     // 2. Herd: 100 clients on a fresh key at once, 20 ms upstream.
-    let (herd_sim, herd_sim_addr) = servers.block_on(start_simulator(Duration::from_millis(20)));
+    let (herd_sim, herd_sim_addr) = servers.block_on(start_simulator(
+        Duration::from_millis(20),
+        Some("bench-token"),
+    ));
     let herd_gateway = servers.block_on(start_gateway(herd_sim_addr, &token, "1s"));
     // The same herd sent straight to a 20 ms simulator is the reference: what
     // 100 concurrent clients see of the upstream latency on this machine.
-    let (_, direct_sim) = servers.block_on(start_simulator_with(Duration::from_millis(20), None));
+    let (_, direct_sim) = servers.block_on(start_simulator(Duration::from_millis(20), None));
     let rounds = 20;
     let herd_client = client(100);
     load.block_on(async {
@@ -316,25 +195,7 @@ fn main() {
     });
     let herd = |base: SocketAddr, round: usize| {
         let url = format!("http://{base}/v5/{PROJECT}/jobs/herd{round}/export/progress");
-        let samples = load.block_on(async {
-            let tasks: Vec<_> = (0..100)
-                .map(|_| {
-                    let (client, url) = (herd_client.clone(), url.clone());
-                    tokio::spawn(async move {
-                        let t = Instant::now();
-                        get(&client, &url).await;
-                        t.elapsed().as_micros() as u32
-                    })
-                })
-                .collect();
-            let mut samples = Vec::new();
-            for t in tasks {
-                samples.push(t.await.unwrap());
-            }
-            samples
-        });
-        let lat = Latencies::new(samples);
-        (lat.ms(0.5), lat.ms(0.99))
+        load.block_on(common::herd(&herd_client, &url, 100))
     };
     let before = herd_sim.total();
     let (mut gw, mut direct) = (Vec::new(), Vec::new());
@@ -372,7 +233,10 @@ fn main() {
     );
 
     // 3. Sustained polling: C clients over K running jobs for D seconds.
-    let (poll_sim, poll_sim_addr) = servers.block_on(start_simulator(Duration::from_millis(5)));
+    let (poll_sim, poll_sim_addr) = servers.block_on(start_simulator(
+        Duration::from_millis(5),
+        Some("bench-token"),
+    ));
     let ttl = 1.0;
     let poll_gateway = servers.block_on(start_gateway(poll_sim_addr, &token, "1s"));
     let (c, k) = (200usize, 20usize);

@@ -321,8 +321,9 @@ impl Cache {
         }
     }
 
-    /// The answer for `key`: stored, shared from a fetch in flight, or fetched by
-    /// `fetch` in a detached task. `fetch` is only called when upstream is asked.
+    /// The answer for `key`: stored, shared from a fetch in flight, or fetched
+    /// in a detached task. `fetch` is called only when a fetch starts (so a hit
+    /// builds nothing); the future it returns runs on its own task.
     pub async fn get<F, Fut>(
         &self,
         key: CacheKey,
@@ -331,7 +332,7 @@ impl Cache {
         fetch: F,
     ) -> Result<Answer, Arc<GatewayError>>
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<UpstreamResponse, GatewayError>> + Send + 'static,
     {
         let inner = &self.inner;
@@ -419,7 +420,7 @@ impl Cache {
         fetch: F,
     ) -> (Flight, bool)
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<UpstreamResponse, GatewayError>> + Send + 'static,
     {
         let mut flights = self.inner.flights.lock().unwrap();
@@ -429,6 +430,7 @@ impl Cache {
         let (tx, rx) = watch::channel(None);
         flights.insert(key, rx.clone());
         drop(flights);
+        let fetching = fetch();
 
         let inner = self.inner.clone();
         let project = project.to_string();
@@ -438,7 +440,7 @@ impl Cache {
                 inner: &inner,
                 key: &key,
             };
-            let result = fetch().await;
+            let result = fetching.await;
             let outcome = inner.settle(&key, api, &project, result);
             // Leave the flight map before waking waiters: a request arriving now
             // finds the stored answer, or starts a new fetch after a failure.

@@ -20,13 +20,15 @@
 //! Beside it: [`consumers`] (who may use the gateway), [`config`] (file →
 //! checked types, reloadable), [`error`] (every gateway error mapped to a status
 //! and a Huawei-shaped body), [`admin`] and [`metrics`] (the operator's view),
-//! and [`simulator`] (both upstream APIs, for tests, the demo and benchmarks).
+//! [`simulator`] (both upstream APIs, for tests, the demo and benchmarks) and
+//! [`demo`] (`progress-gateway demo`).
 
 pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod consumers;
 pub mod credentials;
+pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod policy;

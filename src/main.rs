@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use progress_gateway::admin;
 use progress_gateway::config::Config;
 use progress_gateway::proxy::Gateway;
 use progress_gateway::server::{self, Tls};
 use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
+use progress_gateway::{admin, demo};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -53,6 +53,30 @@ enum Command {
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Show what the gateway does: simulator, gateway and a crowd of pollers,
+    /// live progress and a summary. No config, no cloud; ends by itself.
+    Demo {
+        #[arg(long, default_value_t = 500)]
+        clients: usize,
+        #[arg(long, default_value_t = 50)]
+        jobs: usize,
+        /// When the first job finishes.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        shortest: Duration,
+        /// When the last job finishes.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        longest: Duration,
+        #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+        poll_interval: Duration,
+        /// The gateway's running_ttl.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+        upstream_latency: Duration,
+        /// Keep polling this long after the last job finished.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        linger: Duration,
     },
     /// Run the simulator of both upstream APIs.
     Simulate {
@@ -94,6 +118,34 @@ async fn main() -> ExitCode {
             listen,
             admin_listen,
         } => serve(config, listen, admin_listen).await,
+        Command::Demo {
+            clients,
+            jobs,
+            shortest,
+            longest,
+            poll_interval,
+            ttl,
+            upstream_latency,
+            linger,
+        } => {
+            let options = demo::Options {
+                clients: clients.max(1),
+                jobs: jobs.max(1),
+                shortest,
+                longest: longest.max(shortest),
+                poll_interval,
+                ttl,
+                upstream_latency,
+                linger,
+            };
+            match demo::run(options).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("demo: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Simulate {
             listen,
             token_env,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::time::Instant;
 
@@ -25,6 +25,10 @@ use crate::upstream::{Upstream, UpstreamResponse};
 /// `max-age` sent for a terminal answer: it will not change, but a day keeps
 /// clients from holding it past a config change of the terminal sets.
 const TERMINAL_MAX_AGE: &str = "max-age=86400";
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_GATEWAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-gateway-request-id");
 
 const USER_AGENT: &str = concat!("progress-gateway/", env!("CARGO_PKG_VERSION"));
 
@@ -198,33 +202,34 @@ impl Gateway {
             .ok_or_else(|| GatewayError::ProjectNotServed(route.project.to_string()))?;
         let language = language(request.headers())?;
         let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
-        let fetch = self.fetcher(state, &route, project, language, request_id);
+        let fetch = self.fetcher(state, &route, project, language.as_deref(), request_id);
         let answer = self.cache.get(key, route.api, route.project, fetch).await?;
         trace.cache = Some(answer.status);
         Ok(self.respond(&answer, request, request_id))
     }
 
-    /// The detached upstream fetch for one key: owns everything it needs, and
-    /// reads the credential only when it runs (a rotated token is picked up).
-    fn fetcher(
-        &self,
-        state: &State,
-        route: &Route,
-        project: &Project,
-        language: Option<String>,
-        request_id: &str,
+    /// The upstream fetch for one key, built only when the cache starts one (a
+    /// hit builds nothing). The future owns what it needs, since it runs
+    /// detached, and reads the credential only when it runs.
+    fn fetcher<'a>(
+        &'a self,
+        state: &'a State,
+        route: &'a Route,
+        project: &'a Project,
+        language: Option<&'a str>,
+        request_id: &'a str,
     ) -> impl FnOnce() -> std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<UpstreamResponse, GatewayError>> + Send>,
-    > + Send
-           + 'static {
-        let uri = format!("{}{}", project.base(route.api), route.upstream_path());
-        let api = route.api;
-        let project_id = project.id.clone();
-        let credential = project.credential.clone();
-        let request_id = request_id.to_string();
-        let upstream = state.upstream.clone();
-        let recorder = self.metrics.upstream();
+    > + 'a {
         move || {
+            let uri = format!("{}{}", project.base(route.api), route.upstream_path());
+            let api = route.api;
+            let project_id = project.id.clone();
+            let credential = project.credential.clone();
+            let request_id = request_id.to_string();
+            let upstream = state.upstream.clone();
+            let recorder = self.metrics.upstream();
+            let language = language.map(str::to_string);
             Box::pin(async move {
                 // Built from scratch: nothing the client sent reaches upstream
                 // except the validated path and a normalised X-Language.
@@ -304,16 +309,16 @@ impl Gateway {
 
         let mut response = Response::new(Full::new(Bytes::new()));
         let headers = response.headers_mut();
-        headers.insert("x-cache", HeaderValue::from_static(answer.status.as_str()));
+        headers.insert(X_CACHE, HeaderValue::from_static(answer.status.as_str()));
         headers.insert(
-            "x-request-id",
+            X_REQUEST_ID,
             stored
                 .request_id()
                 .or_else(|| HeaderValue::from_str(request_id).ok())
                 .unwrap_or(HeaderValue::from_static("-")),
         );
         if let Ok(id) = HeaderValue::from_str(request_id) {
-            headers.insert("x-gateway-request-id", id);
+            headers.insert(X_GATEWAY_REQUEST_ID, id);
         }
         if cacheable {
             headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
@@ -382,7 +387,17 @@ fn request_id(headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
         .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+        .unwrap_or_else(new_request_id)
+}
+
+/// 32 hex characters like Huawei's: a random per-process prefix and a counter.
+/// Unique, not secret, and no system call per request (a v4 UUID costs one).
+fn new_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix:016x}{count:016x}")
 }
 
 /// `X-Language`, normalised (`zh_CN` → `zh-cn`); it is part of the cache key.
@@ -427,6 +442,14 @@ mod tests {
         );
         assert_eq!(language(&HeaderMap::new()).unwrap(), None);
         assert!(language(&headers("x-language", "en-us;q=1")).is_err());
+    }
+
+    #[test]
+    fn generated_request_ids_are_unique_hex() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        assert!(a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a[..16], b[..16], "one prefix per process");
     }
 
     #[test]

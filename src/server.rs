@@ -5,12 +5,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -21,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
@@ -163,9 +160,16 @@ pub async fn serve_with<H, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let activity = Arc::new(Activity::new());
+        let tracked = activity.clone();
         let service = service_fn(move |request| {
+            let busy = tracked.begin();
             let response = handler(request);
-            async move { Ok::<_, Infallible>(response.await) }
+            async move {
+                let response = response.await;
+                drop(busy);
+                Ok::<_, Infallible>(response)
+            }
         });
         let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
         let (stop, alive) = (stop_rx.clone(), alive_tx.clone());
@@ -173,14 +177,14 @@ pub async fn serve_with<H, Fut>(
             let _slot = slot;
             let _alive = alive;
             match tls {
-                None => connection(stream, &builder, service, &limits, stop).await,
+                None => connection(stream, &builder, service, &limits, &activity, stop).await,
                 Some(tls) => {
                     let acceptor = tls.acceptor.load_full();
                     match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
                         .await
                     {
                         Ok(Ok(stream)) => {
-                            connection(stream, &builder, service, &limits, stop).await
+                            connection(stream, &builder, service, &limits, &activity, stop).await
                         }
                         Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -198,6 +202,49 @@ pub async fn serve_with<H, Fut>(
     }
 }
 
+/// When a connection last finished a request, and how many it has in flight:
+/// idle means none in flight for the idle timeout. Updated per request, not
+/// per read or write, so the hot path reads the clock twice per request.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// Marks a request in flight until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.last_ms.store(now, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves one connection until it ends, closing it gracefully when it has been
 /// idle too long or the server stops (a request in progress still completes).
 async fn connection<IO, S>(
@@ -205,6 +252,7 @@ async fn connection<IO, S>(
     builder: &auto::Builder<TokioExecutor>,
     service: S,
     limits: &Limits,
+    activity: &Activity,
     mut stop: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -216,13 +264,6 @@ async fn connection<IO, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let epoch = Instant::now();
-    let last_activity = Arc::new(AtomicU64::new(0));
-    let io = Watched {
-        inner: io,
-        epoch,
-        last_activity: last_activity.clone(),
-    };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut check = tokio::time::interval(limits.idle_timeout.max(Duration::from_millis(20)) / 4);
@@ -243,65 +284,11 @@ async fn connection<IO, S>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = check.tick(), if !closing => {
-                let idle_ms = epoch.elapsed().as_millis() as u64 - last_activity.load(Ordering::Relaxed);
-                if Duration::from_millis(idle_ms) >= limits.idle_timeout {
+                if activity.idle_for() >= limits.idle_timeout {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
             }
         }
-    }
-}
-
-/// An I/O stream that records when it last moved bytes, for the idle timeout.
-struct Watched<IO> {
-    inner: IO,
-    epoch: Instant,
-    last_activity: Arc<AtomicU64>,
-}
-
-impl<IO> Watched<IO> {
-    fn touch(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.last_activity.store(now, Ordering::Relaxed);
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.touch();
-        }
-        result
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
-        }
-        result
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -1,0 +1,178 @@
+//! Load generation shared by the benchmarks: a pooled hyper client, a
+//! closed-loop hammer, and the herd (many clients on one fresh key at once).
+#![allow(dead_code)] // each bench uses a different part
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use progress_gateway::server;
+use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+
+pub const PROJECT: &str = "0123456789abcdef0123456789abcdef";
+
+pub fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A runtime with one worker: with two cores, servers and load get one each.
+pub fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+pub fn client(connections: usize) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(connections)
+        .build_http()
+}
+
+pub async fn get(client: &HttpClient, url: &str) -> (u16, http::HeaderMap, Bytes) {
+    let response = client
+        .request(Request::get(url).body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// Latency percentiles in milliseconds from microsecond samples.
+pub struct Latencies(Vec<u32>);
+
+impl Latencies {
+    pub fn new(mut samples: Vec<u32>) -> Self {
+        samples.sort_unstable();
+        Latencies(samples)
+    }
+
+    pub fn ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.0.len() - 1) as f64 * q).round() as usize;
+        f64::from(self.0[i]) / 1000.0
+    }
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Closed loop: `connections` clients request `url` for `seconds`;
+/// returns requests per second and latencies.
+pub async fn hammer(url: String, connections: usize, seconds: u64) -> (f64, Latencies) {
+    let client = client(connections);
+    // Warm the pool so connection setup is not measured.
+    let warm: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for w in warm {
+        w.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(100_000);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let (status, _, _) = get(&client, &url).await;
+                    assert_eq!(status, 200);
+                    samples.push(t.elapsed().as_micros() as u32);
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    (rate, Latencies::new(all))
+}
+
+/// `clients` ask for `url` at once; returns (p50, p99) in ms.
+pub async fn herd(client: &HttpClient, url: &str, clients: usize) -> (f64, f64) {
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_string());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                get(&client, &url).await;
+                t.elapsed().as_micros() as u32
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.push(t.await.unwrap());
+    }
+    let lat = Latencies::new(samples);
+    (lat.ms(0.5), lat.ms(0.99))
+}
+
+/// The simulator on port 0, requiring `token` when given.
+pub async fn start_simulator(latency: Duration, token: Option<&str>) -> (Simulator, SocketAddr) {
+    let sim = Simulator::new(
+        SimAuth {
+            token: token.map(str::to_string),
+            ..SimAuth::default()
+        },
+        Behaviour {
+            latency,
+            job_duration: Duration::from_secs(3600),
+            ..Behaviour::default()
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = sim.clone();
+    tokio::spawn(server::serve(
+        listener,
+        move |r| {
+            let s = handle.clone();
+            async move { s.handle(r).await }
+        },
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    (sim, addr)
+}
+
+/// A gateway config in front of the simulator at `sim`.
+pub fn gateway_config(
+    listen: &str,
+    sim: SocketAddr,
+    token_file: &std::path::Path,
+    running_ttl: &str,
+) -> String {
+    format!(
+        "listen = \"{listen}\"\n[admin]\nlisten = \"\"\n[cache]\nrunning_ttl = \"{running_ttl}\"\n[regions.sim]\ndrs = \"http://{sim}\"\nroma = \"http://{sim}\"\n[credentials.main]\nkind = \"token\"\ntoken_file = \"{}\"\n[[projects]]\nid = \"{PROJECT}\"\nregion = \"sim\"\ncredential = \"main\"\n",
+        token_file.display()
+    )
+}

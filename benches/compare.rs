@@ -1,0 +1,476 @@
+//! Side by side: progress-gateway, nginx (proxy_cache with proxy_cache_lock,
+//! use_stale updating, background_update) and Varnish (the same in VCL, with
+//! grace), each configured as the closest equivalent of the gateway, behind
+//! the same simulator, under the same two workloads:
+//!
+//! 1. cache-hit throughput and latency on a hot (finished) job, with a bare
+//!    hyper server answering the same bytes as the ceiling;
+//! 2. herd: 100 clients ask for a fresh key at once, upstream latency 20 ms.
+//!
+//! Servers are pinned to CPU 0 and this load generator (with the simulator) to
+//! CPU 1, so each server gets the same single core. Ports are picked free at
+//! run time. Hit throughput is measured with wrk; the herd with a small hyper
+//! client (it must fire 100 requests at once and count upstream requests).
+//! Run it through benches/compare.sh, which installs nginx, Varnish and wrk
+//! from Debian's packages if missing and builds the gateway first.
+//! Knobs: PGW_BENCH_SECONDS (hit phase, default 5), PGW_BENCH_CONNECTIONS (64),
+//! PGW_BENCH_ROUNDS (herd rounds, 10), PGW_BIN (the gateway binary).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const TOKEN: &str = "bench-token";
+
+struct Server {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(addr: SocketAddr, name: &str) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{name} did not start listening on {addr}");
+}
+
+/// Runs `program` pinned to CPU 0 (when there are two cores to split).
+fn pinned(program: &str, args: &[&str]) -> Child {
+    let mut command = if cores() >= 2 {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", program]);
+        c
+    } else {
+        Command::new(program)
+    };
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {program}: {e} (run benches/compare.sh, which installs it)")
+        })
+}
+
+/// Cores before this process pins itself (after, it would see only one).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+fn start_gateway(dir: &Path, sim: SocketAddr) -> Server {
+    let bin = std::env::var("PGW_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/progress-gateway")
+        });
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        gateway_config(&addr.to_string(), sim, &dir.join("token"), "1s"),
+    )
+    .unwrap();
+    let child = pinned(
+        bin.to_str().unwrap(),
+        &["serve", "--config", config.to_str().unwrap()],
+    );
+    wait_listening(addr, "progress-gateway");
+    Server {
+        name: "progress-gateway",
+        addr,
+        child,
+    }
+}
+
+fn start_nginx(dir: &Path, sim: SocketAddr) -> Server {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let d = dir.display();
+    let user = if is_root() { "user root;" } else { "" };
+    let conf = format!(
+        r#"{user}
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/client_temp;
+  proxy_temp_path {d}/proxy_temp;
+  fastcgi_temp_path {d}/fastcgi_temp;
+  uwsgi_temp_path {d}/uwsgi_temp;
+  scgi_temp_path {d}/scgi_temp;
+  proxy_cache_path {d}/nginx-cache levels=1:2 keys_zone=progress:64m max_size=256m inactive=24h use_temp_path=off;
+  upstream sim {{ server {sim}; keepalive 64; }}
+  server {{
+    listen {addr};
+    location / {{
+      proxy_pass http://sim;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "";
+      proxy_set_header Cookie "";
+      proxy_set_header X-Auth-Token "{TOKEN}";
+      proxy_cache progress;
+      proxy_cache_key $uri$http_x_language;
+      proxy_cache_valid 200 404 1s;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 15s;
+      proxy_cache_use_stale updating error timeout http_500 http_502 http_503 http_504;
+      proxy_cache_background_update on;
+      add_header X-Cache $upstream_cache_status;
+    }}
+  }}
+}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = pinned(
+        "nginx",
+        &["-c", path.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+    );
+    wait_listening(addr, "nginx");
+    Server {
+        name: "nginx",
+        addr,
+        child,
+    }
+}
+
+fn start_varnish(dir: &Path, sim: SocketAddr) -> Server {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let vcl = format!(
+        r#"vcl 4.1;
+backend sim {{ .host = "{}"; .port = "{}"; }}
+sub vcl_recv {{
+  unset req.http.Authorization;
+  unset req.http.Cookie;
+  set req.http.X-Auth-Token = "{TOKEN}";
+  return (hash);
+}}
+sub vcl_hash {{
+  hash_data(req.url);
+  hash_data(req.http.X-Language);
+  return (lookup);
+}}
+sub vcl_backend_response {{
+  if (beresp.status == 200 || beresp.status == 404) {{
+    set beresp.ttl = 1s;
+    set beresp.grace = 5m;
+  }} else {{
+    set beresp.uncacheable = true;
+    set beresp.ttl = 0s;
+  }}
+  return (deliver);
+}}
+sub vcl_deliver {{
+  if (obj.hits > 0) {{
+    set resp.http.X-Cache = "HIT";
+  }} else {{
+    set resp.http.X-Cache = "MISS";
+  }}
+}}
+"#,
+        sim.ip(),
+        sim.port()
+    );
+    let path = dir.join("gateway.vcl");
+    std::fs::write(&path, vcl).unwrap();
+    let workdir = dir.join("varnish");
+    let listen = addr.to_string();
+    let child = pinned(
+        "varnishd",
+        &[
+            "-F",
+            "-a",
+            &listen,
+            "-f",
+            path.to_str().unwrap(),
+            "-s",
+            "malloc,256m",
+            "-n",
+            workdir.to_str().unwrap(),
+        ],
+    );
+    wait_listening(addr, "varnishd");
+    Server {
+        name: "varnish",
+        addr,
+        child,
+    }
+}
+
+/// One wrk run (on this process's core): requests/s, p50 ms, p99 ms.
+fn wrk(url: &str, connections: usize, seconds: u64) -> (f64, f64, f64) {
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk runs (benches/compare.sh installs it)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!text.contains("Non-2xx"), "{url} answered errors:\n{text}");
+    let ms = |value: &str| {
+        let split = value
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(value.len());
+        let (number, unit) = value.split_at(split);
+        let number: f64 = number.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => number / 1000.0,
+            "s" => number * 1000.0,
+            _ => number,
+        }
+    };
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {prefix} in wrk output:\n{text}"))
+    };
+    let rate = field("Requests/sec:").parse().unwrap_or(f64::NAN);
+    (rate, ms(&field("50%")), ms(&field("99%")))
+}
+
+struct Row {
+    name: &'static str,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    per_key: f64,
+    herd_p50: f64,
+    herd_p99: f64,
+}
+
+/// The ceiling: this same program re-run as a bare hyper server answering the
+/// gateway's hit bytes, pinned like the others.
+fn start_bare(dir: &Path, headers: &http::HeaderMap, body: &[u8]) -> Server {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let head: String = headers
+        .iter()
+        .filter(|(name, _)| *name != "content-length" && *name != "date")
+        .map(|(name, value)| format!("{name}: {}\n", value.to_str().unwrap_or_default()))
+        .collect();
+    std::fs::write(dir.join("bare.head"), head).unwrap();
+    std::fs::write(dir.join("bare.body"), body).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let child = pinned(
+        me.to_str().unwrap(),
+        &["--bare-server", &addr.to_string(), dir.to_str().unwrap()],
+    );
+    wait_listening(addr, "bare hyper");
+    Server {
+        name: "bare hyper",
+        addr,
+        child,
+    }
+}
+
+fn bare_server(addr: &str, dir: &str) -> ! {
+    let dir = Path::new(dir);
+    let mut headers = http::HeaderMap::new();
+    for line in std::fs::read_to_string(dir.join("bare.head"))
+        .unwrap()
+        .lines()
+    {
+        let (name, value) = line.split_once(": ").unwrap();
+        headers.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let body = bytes::Bytes::from(std::fs::read(dir.join("bare.body")).unwrap());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        progress_gateway::server::serve(
+            listener,
+            move |_request| {
+                let (headers, body) = (headers.clone(), body.clone());
+                async move {
+                    let mut response = http::Response::new(http_body_util::Full::new(body));
+                    *response.headers_mut() = headers;
+                    response
+                }
+            },
+            std::future::pending(),
+            Duration::ZERO,
+        )
+        .await;
+    });
+    std::process::exit(0)
+}
+
+fn hot_url(server: &Server) -> String {
+    let slug = server.name.replace(' ', "-");
+    format!(
+        "http://{}/v2/{PROJECT}/instances/i/assets/jobs/hot-{slug}_d0",
+        server.addr
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--bare-server") {
+        bare_server(&args[i + 1], &args[i + 2]);
+    }
+    let seconds = env("PGW_BENCH_SECONDS", 5);
+    let connections = env("PGW_BENCH_CONNECTIONS", 64) as usize;
+    let rounds = env("PGW_BENCH_ROUNDS", 10) as usize;
+    if cores() >= 2 {
+        // cores() is first read just above, before pinning; pin before any
+        // runtime thread exists, so every thread inherits it.
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+    let load = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    // Varnish's and nginx's workers may run as another user.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (sim, sim_addr) = load.block_on(start_simulator(Duration::from_millis(20), Some(TOKEN)));
+
+    let gateway = start_gateway(dir.path(), sim_addr);
+    let probe = format!(
+        "http://{}/v2/{PROJECT}/instances/i/assets/jobs/probe_d0",
+        gateway.addr
+    );
+    let (_, headers, body) = load.block_on(async { get(&client(1), &probe).await });
+    let servers = [
+        start_bare(dir.path(), &headers, &body),
+        gateway,
+        start_nginx(dir.path(), sim_addr),
+        start_varnish(dir.path(), sim_addr),
+    ];
+    // Hit throughput with wrk, the servers alternating over three rounds so
+    // drift on a shared machine hits them alike; medians are reported.
+    let mut hits: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); servers.len()];
+    for server in &servers {
+        let url = hot_url(server);
+        let (status, _, _) = load.block_on(async { get(&client(1), &url).await });
+        assert_eq!(status, 200, "{} answers the hot key", server.name);
+    }
+    for _ in 0..3 {
+        for (i, server) in servers.iter().enumerate() {
+            hits[i].push(wrk(&hot_url(server), connections, seconds));
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        let pick = |f: fn(&(f64, f64, f64)) -> f64| median(hits[i].iter().map(f).collect());
+        let mut row = Row {
+            name: server.name,
+            rate: pick(|h| h.0),
+            p50: pick(|h| h.1),
+            p99: pick(|h| h.2),
+            per_key: f64::NAN,
+            herd_p50: f64::NAN,
+            herd_p99: f64::NAN,
+        };
+        // The ceiling serves fixed bytes; a herd means nothing there.
+        if server.name != "bare hyper" {
+            let base = format!("http://{}", server.addr);
+            let slug = server.name.replace(' ', "-");
+            let herd_client = client(100);
+            // Open the 100 connections first, so the herd measures waiting, not handshakes.
+            load.block_on(async {
+                for w in 0..100 {
+                    get(
+                        &herd_client,
+                        &format!("{base}/v5/{PROJECT}/jobs/warm-{slug}-{w}_d0/export/progress"),
+                    )
+                    .await;
+                }
+            });
+            let (mut p50s, mut p99s, mut upstream) = (Vec::new(), Vec::new(), 0);
+            for round in 0..rounds {
+                let path = format!("/v5/{PROJECT}/jobs/herd-{slug}-{round}/export/progress");
+                let (p50, p99) = load.block_on(herd(&herd_client, &format!("{base}{path}"), 100));
+                p50s.push(p50);
+                p99s.push(p99);
+                upstream += sim.requests(&path);
+            }
+            row.per_key = upstream as f64 / rounds as f64;
+            row.herd_p50 = median(p50s);
+            row.herd_p99 = median(p99s);
+        }
+        rows.push(row);
+    }
+    drop(servers);
+
+    println!("\nprogress-gateway vs nginx vs Varnish ({} cores; servers pinned to one core, load on the other)", cores());
+    println!("hit (wrk): {connections} connections, 3 alternating rounds of {seconds} s on a finished job; herd: 100 clients at once on a fresh key, upstream 20 ms, {rounds} rounds (medians)\n");
+    println!(
+        "| {:<16} | {:>10} | {:>8} | {:>8} | {:>10} | {:>13} | {:>13} |",
+        "server", "hit req/s", "p50 ms", "p99 ms", "vs ceiling", "herd upstream", "herd p50/p99 ms"
+    );
+    println!(
+        "|{:-<18}|{:->12}|{:->10}|{:->10}|{:->12}|{:->15}|{:->15}|",
+        "", "", "", "", "", "", ""
+    );
+    let ceiling = rows[0].rate;
+    for r in &rows {
+        println!(
+            "| {:<16} | {:>10.0} | {:>8.2} | {:>8.2} | {:>10.2} | {:>13} | {:>15} |",
+            r.name,
+            r.rate,
+            r.p50,
+            r.p99,
+            r.rate / ceiling,
+            if r.per_key.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.2}", r.per_key)
+            },
+            if r.per_key.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.1} / {:.1}", r.herd_p50, r.herd_p99)
+            },
+        );
+    }
+}
