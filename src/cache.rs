@@ -342,15 +342,16 @@ impl Cache {
         let standing = stored
             .as_ref()
             .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
-        let backoff = inner.backoff_remaining(api, project, now);
 
+        if let (Some(stored), Some(Freshness::Fresh { .. })) = (&stored, standing) {
+            return Ok(Answer {
+                stored: stored.clone(),
+                status: CacheStatus::Hit,
+            });
+        }
+        // Only past a hit: the backoff map sits behind a lock.
+        let backoff = inner.backoff_remaining(api, project, now);
         match (stored, standing) {
-            (Some(stored), Some(Freshness::Fresh { .. })) => {
-                return Ok(Answer {
-                    stored,
-                    status: CacheStatus::Hit,
-                })
-            }
             (Some(stored), Some(Freshness::Revalidate)) => {
                 if backoff.is_none() {
                     self.join_or_start(key, api, project, fetch);

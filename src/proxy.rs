@@ -50,10 +50,10 @@ pub struct State {
 
 /// What the access log line reports beyond the response status.
 #[derive(Default)]
-struct Trace {
+struct Trace<'a> {
     api: Option<Api>,
-    project: Option<String>,
-    consumer: Option<String>,
+    project: Option<&'a str>,
+    consumer: Option<&'a str>,
     cache: Option<CacheStatus>,
     error: Option<&'static str>,
 }
@@ -168,8 +168,8 @@ impl Gateway {
             target: "progress_gateway::access",
             method = %request.method(),
             route,
-            project = trace.project.as_deref().unwrap_or("-"),
-            consumer = trace.consumer.as_deref().unwrap_or("-"),
+            project = trace.project.unwrap_or("-"),
+            consumer = trace.consumer.unwrap_or("-"),
             status = response.status().as_u16(),
             cache,
             error = trace.error.unwrap_or("-"),
@@ -179,22 +179,22 @@ impl Gateway {
         response
     }
 
-    async fn answer<B>(
+    async fn answer<'a, B>(
         &self,
-        state: &State,
-        request: &Request<B>,
+        state: &'a State,
+        request: &'a Request<B>,
         request_id: &str,
-        trace: &mut Trace,
+        trace: &mut Trace<'a>,
     ) -> Result<Response<Full<Bytes>>, Arc<GatewayError>> {
         let route =
             route::parse(request.method(), request.uri().path()).map_err(GatewayError::from)?;
         trace.api = Some(route.api);
-        trace.project = Some(route.project.to_string());
+        trace.project = Some(route.project);
         let consumer = state
             .config
             .consumers
             .check(request.headers(), route.project)?;
-        trace.consumer = consumer.map(str::to_string);
+        trace.consumer = consumer;
         let project = state
             .config
             .projects
@@ -308,6 +308,8 @@ impl Gateway {
         let not_modified = cacheable && etag_matches(request.headers(), &etag);
 
         let mut response = Response::new(Full::new(Bytes::new()));
+        // Sized for the headers below, so inserting never regrows the map.
+        *response.headers_mut() = HeaderMap::with_capacity(12);
         let headers = response.headers_mut();
         headers.insert(X_CACHE, HeaderValue::from_static(answer.status.as_str()));
         headers.insert(
@@ -397,7 +399,10 @@ fn new_request_id() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix:016x}{count:016x}")
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&prefix.to_be_bytes());
+    id[8..].copy_from_slice(&count.to_be_bytes());
+    hex::encode(id)
 }
 
 /// `X-Language`, normalised (`zh_CN` → `zh-cn`); it is part of the cache key.
