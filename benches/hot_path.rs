@@ -50,17 +50,7 @@ fn hot_path(c: &mut Criterion) {
             SimAuth { token: Some("t".into()), ..SimAuth::default() },
             Behaviour { job_duration: Duration::ZERO, ..Behaviour::default() },
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(progress_gateway::server::serve(
-            listener,
-            move |r| {
-                let sim = sim.clone();
-                async move { sim.handle(r).await }
-            },
-            std::future::pending(),
-            Duration::ZERO,
-        ));
+        let addr = sim.spawn("127.0.0.1:0").await.unwrap();
         let text = format!(
             "listen = \"127.0.0.1:0\"\n[regions.sim]\ndrs = \"http://{addr}\"\nroma = \"http://{addr}\"\n[credentials.main]\nkind = \"token\"\ntoken_file = \"{}/token\"\n[[projects]]\nid = \"0123456789abcdef0123456789abcdef\"\nregion = \"sim\"\ncredential = \"main\"\n",
             dir.path().display()

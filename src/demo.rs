@@ -19,7 +19,6 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::proxy::Gateway;
-use crate::server;
 use crate::simulator::{Behaviour, SimAuth, Simulator};
 
 const PROJECT: &str = "0123456789abcdef0123456789abcdef";
@@ -70,7 +69,7 @@ pub async fn run(options: Options) -> Result<(), String> {
             ..Behaviour::default()
         },
     );
-    let sim_addr = listen(&sim).await?;
+    let sim_addr = sim.spawn("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let token_file = std::env::temp_dir().join(format!(
         "progress-gateway-demo-{}.token",
         std::process::id()
@@ -87,16 +86,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let gateway_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let handle = gateway.clone();
-    tokio::spawn(server::serve(
-        listener,
-        move |request| {
-            let gateway = handle.clone();
-            async move { gateway.handle(request).await }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
+    gateway.spawn(listener);
 
     let jobs: Arc<Vec<Job>> = Arc::new(
         (0..options.jobs)
@@ -223,24 +213,6 @@ pub async fn run(options: Options) -> Result<(), String> {
     let _ = std::fs::remove_file(&token_file);
     summary(&jobs, &tally, &sim, started.elapsed());
     Ok(())
-}
-
-async fn listen(sim: &Simulator) -> Result<std::net::SocketAddr, String> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let sim = sim.clone();
-    tokio::spawn(server::serve(
-        listener,
-        move |request| {
-            let sim = sim.clone();
-            async move { sim.handle(request).await }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
-    Ok(addr)
 }
 
 /// Live display: progress bars on a terminal, a line a second otherwise.

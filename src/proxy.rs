@@ -71,6 +71,22 @@ impl Gateway {
         })
     }
 
+    /// Serves the proxy on `listener` in the background with default limits
+    /// until the runtime ends (tests, the demo, benchmarks; `serve` has the rest).
+    pub fn spawn(self: &Arc<Self>, listener: tokio::net::TcpListener) {
+        let gateway = self.clone();
+        self.set_listening();
+        tokio::spawn(crate::server::serve(
+            listener,
+            move |request| {
+                let gateway = gateway.clone();
+                async move { gateway.handle(request).await }
+            },
+            std::future::pending(),
+            Duration::ZERO,
+        ));
+    }
+
     /// The running state; a reload does not change an `Arc` already taken.
     pub fn state(&self) -> Arc<State> {
         self.state.load_full()

@@ -122,6 +122,24 @@ impl Simulator {
         }
     }
 
+    /// Listens on `addr` (port 0 for any) and serves in the background until
+    /// the runtime ends; returns the bound address.
+    pub async fn spawn(&self, addr: &str) -> std::io::Result<std::net::SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let sim = self.clone();
+        tokio::spawn(crate::server::serve(
+            listener,
+            move |request| {
+                let sim = sim.clone();
+                async move { sim.handle(request).await }
+            },
+            std::future::pending(),
+            Duration::ZERO,
+        ));
+        Ok(bound)
+    }
+
     pub fn set_behaviour(&self, change: impl FnOnce(&mut Behaviour)) {
         change(&mut self.inner.behaviour.lock().unwrap());
     }

@@ -10,9 +10,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use progress_gateway::server;
 use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
-use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
 pub const PROJECT: &str = "0123456789abcdef0123456789abcdef";
@@ -149,18 +147,7 @@ pub async fn start_simulator(latency: Duration, token: Option<&str>) -> (Simulat
             ..Behaviour::default()
         },
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = sim.clone();
-    tokio::spawn(server::serve(
-        listener,
-        move |r| {
-            let s = handle.clone();
-            async move { s.handle(r).await }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
+    let addr = sim.spawn("127.0.0.1:0").await.unwrap();
     (sim, addr)
 }
 

@@ -68,18 +68,7 @@ pub async fn start_simulator(behaviour: Behaviour) -> (Simulator, SocketAddr) {
 /// Starts the simulator on port 0 accepting `auth`.
 pub async fn start_simulator_with(auth: SimAuth, behaviour: Behaviour) -> (Simulator, SocketAddr) {
     let sim = Simulator::new(auth, behaviour);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = sim.clone();
-    tokio::spawn(server::serve(
-        listener,
-        move |request| {
-            let sim = handle.clone();
-            async move { sim.handle(request).await }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
+    let addr = sim.spawn("127.0.0.1:0").await.unwrap();
     (sim, addr)
 }
 
@@ -154,17 +143,7 @@ credential = "second"
     let gateway = Gateway::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let handle = gateway.clone();
-    tokio::spawn(server::serve(
-        listener,
-        move |request| {
-            let gateway = handle.clone();
-            async move { gateway.handle(request).await }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
-    gateway.set_listening();
+    gateway.spawn(listener);
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_listener.local_addr().unwrap();
     let handle = gateway.clone();
