@@ -2,54 +2,89 @@
 //! `/healthz` (the process is alive) and `/readyz` (listening, and every
 //! project has a usable credential; otherwise 503 naming those that do not).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::error::GatewayError;
+use crate::error::chain;
+use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 
-pub fn handle<B>(gateway: &Gateway, request: &Request<B>) -> Response<Full<Bytes>> {
-    match request.uri().path() {
-        "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(gateway.metrics().encode())));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            response
+const PATHS: &str = "/metrics, /healthz and /readyz";
+
+#[derive(Clone)]
+pub struct Admin {
+    pub gateway: Arc<Gateway>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl crate::server::Handler for Admin {
+    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        self.answer(&request)
+    }
+}
+
+impl Admin {
+    pub fn answer<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
+        match request.uri().path() {
+            "/metrics" => {
+                self.sample_states();
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            "/healthz" => json_response(StatusCode::OK, &json!({"status": "alive"})),
+            "/readyz" => self.readiness(),
+            path => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({
+                    "error_code": "PGW.4040",
+                    "error_msg": format!("no admin page at {path}: the admin listener serves {PATHS}"),
+                    "request_id": "-",
+                }),
+            ),
         }
-        "/healthz" => json_response(StatusCode::OK, &json!({"status": "alive"})),
-        "/readyz" => {
-            let state = gateway.state();
-            let mut unready: Vec<_> = state
-                .config
-                .projects
-                .values()
-                .filter_map(|p| {
-                    let reason = p.credential.unready(&p.id)?;
-                    Some(
-                        json!({"project": p.id, "credential": p.credential.name, "reason": reason}),
-                    )
-                })
-                .collect();
-            unready.sort_by(|a, b| a["project"].as_str().cmp(&b["project"].as_str()));
-            let listening = gateway.is_listening();
-            let ready = listening && unready.is_empty();
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            json_response(
-                status,
-                &json!({"ready": ready, "listening": listening, "unready": unready}),
-            )
-        }
-        _ => GatewayError::NoRoute.to_response("admin"),
+    }
+
+    /// Gauges are states, not events: read them just before they are exported.
+    fn sample_states(&self) {
+        let cache = self.gateway.cache();
+        let (entries, bytes) = cache.usage();
+        self.metrics.cache_entries.set(entries as i64);
+        self.metrics.cache_bytes.set(bytes as i64);
+        self.metrics.backoffs.set(cache.backoffs_in_force() as i64);
+    }
+
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        let tenants = self.gateway.tenants();
+        let mut unready: Vec<_> = tenants
+            .projects
+            .values()
+            .filter_map(|p| {
+                let reason = p.credential.unready(&p.id)?;
+                Some(json!({"project": p.id, "credential": p.credential.name, "reason": chain(&reason)}))
+            })
+            .collect();
+        unready.sort_by(|a, b| a["project"].as_str().cmp(&b["project"].as_str()));
+        let listening = self.gateway.is_listening();
+        let ready = listening && unready.is_empty();
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_response(
+            status,
+            &json!({"ready": ready, "listening": listening, "unready": unready}),
+        )
     }
 }
 

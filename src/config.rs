@@ -1,30 +1,32 @@
-//! Configuration, read in two steps: the TOML file as written (`Raw*` serde
-//! structs, unknown keys refused) and the checked [`Config`] the gateway uses.
-//! Every error names the key and, where it can, the line.
+//! The configuration file, checked into plain data. Reading it does no other
+//! I/O: no secret is read and no client is built here (the `app` does that).
+//!
+//! Sections that stand alone deserialize straight into the types that use
+//! them, whose serde defaults are the only defaults: [`CachePolicy`],
+//! [`UpstreamConfig`], [`ServerConfig`]. Sections that refer to each other
+//! (regions, credentials, consumers, projects) are read as written and then
+//! resolved. Every error names the key and its line, found from toml's spans.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
 use toml::Spanned;
 
-use sha2::{Digest, Sha256};
-
-use crate::consumers::{Consumer, Consumers};
-use crate::credentials::iam::IamPassword;
-use crate::credentials::{AkSk, Credential, Method, Origin, SecretSource};
-use crate::policy::{CachePolicy, TerminalSets};
-use crate::route::{self, Api};
+use crate::cache::CachePolicy;
+use crate::consumers::{ConsumerSpec, KeySpec};
+use crate::credentials::{AkSkSpec, CredentialSpec, IamSpec, Origin};
+use crate::route;
 use crate::server::Limits;
-use crate::upstream::Upstream;
+use crate::upstream::UpstreamConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -46,98 +48,54 @@ pub enum ConfigError {
 }
 
 /// The checked configuration.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub server: ServerConfig,
     /// The admin listener (metrics, health); None when `[admin] listen = ""`.
     pub admin: Option<SocketAddr>,
     pub upstream: UpstreamConfig,
-    pub consumers: Consumers,
     pub cache: CachePolicy,
+    /// By name; every one is used by a project or not, as written.
+    pub credentials: BTreeMap<String, CredentialSpec>,
+    pub consumers: BTreeMap<String, ConsumerSpec>,
     /// By project ID.
-    pub projects: HashMap<String, Project>,
+    pub projects: BTreeMap<String, ProjectConfig>,
 }
 
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    pub limits: Limits,
-    /// How long open connections get to finish after SIGTERM or SIGINT.
-    pub drain_timeout: Duration,
-    /// Certificate and key files for TLS on the proxy listener.
-    pub tls: Option<(PathBuf, PathBuf)>,
-}
-
+/// A served project: its region's base URLs and the credential to use there.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamConfig {
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
-    pub max_body: usize,
-}
-
-/// A served project: the region's base URLs and the credential to use there.
-#[derive(Debug)]
-pub struct Project {
+pub struct ProjectConfig {
     pub id: String,
     /// `scheme://authority`, no trailing slash.
     pub drs: String,
     pub roma: String,
-    pub credential: Arc<Credential>,
+    /// A key of [`Config::credentials`].
+    pub credential: String,
 }
 
-impl Project {
-    pub fn base(&self, api: Api) -> &str {
-        match api {
-            Api::Drs => &self.drs,
-            Api::Roma => &self.roma,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: SocketAddr,
-    #[serde(default)]
-    server: RawServer,
-    #[serde(default)]
-    admin: RawAdmin,
-    #[serde(default)]
-    consumers: BTreeMap<String, Spanned<RawConsumer>>,
-    #[serde(default)]
-    upstream: RawUpstream,
-    #[serde(default)]
-    cache: RawCache,
-    #[serde(default)]
-    regions: BTreeMap<String, RawRegion>,
-    #[serde(default)]
-    credentials: BTreeMap<String, Spanned<RawCredential>>,
-    #[serde(default)]
-    projects: Vec<RawProject>,
-}
-
-#[derive(Deserialize)]
+/// `[server]`: the proxy listener's limits, drain, consumer header and TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-struct RawServer {
-    max_connections: usize,
+pub struct ServerConfig {
+    pub max_connections: usize,
     #[serde(with = "humantime_serde")]
-    header_read_timeout: Duration,
+    pub header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
-    idle_timeout: Duration,
-    max_header_bytes: ByteSize,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: ByteSize,
+    /// How long open connections get to finish after SIGTERM or SIGINT.
     #[serde(with = "humantime_serde")]
-    drain_timeout: Duration,
-    consumer_key_header: String,
-    tls_cert_file: Option<PathBuf>,
-    tls_key_file: Option<PathBuf>,
+    pub drain_timeout: Duration,
+    pub consumer_key_header: String,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
-impl Default for RawServer {
+impl Default for ServerConfig {
     fn default() -> Self {
         let limits = Limits::default();
-        RawServer {
+        ServerConfig {
             max_connections: limits.max_connections,
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
@@ -148,6 +106,50 @@ impl Default for RawServer {
             tls_key_file: None,
         }
     }
+}
+
+impl ServerConfig {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_header_bytes: usize::try_from(self.max_header_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Certificate and key files, when TLS is on (checked to come in pairs).
+    pub fn tls(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert_file.as_deref()?, self.tls_key_file.as_deref()?))
+    }
+
+    pub fn consumer_key_header(&self) -> http::HeaderName {
+        http::HeaderName::from_bytes(self.consumer_key_header.as_bytes())
+            .expect("checked when the config was loaded")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: SocketAddr,
+    #[serde(default)]
+    server: ServerConfig,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    upstream: UpstreamConfig,
+    #[serde(default)]
+    cache: CachePolicy,
+    #[serde(default)]
+    regions: BTreeMap<String, RawRegion>,
+    #[serde(default)]
+    credentials: BTreeMap<String, Spanned<RawCredential>>,
+    #[serde(default)]
+    consumers: BTreeMap<String, Spanned<RawConsumer>>,
+    #[serde(default)]
+    projects: Vec<RawProject>,
 }
 
 #[derive(Deserialize)]
@@ -166,88 +168,12 @@ impl Default for RawAdmin {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConsumer {
-    key_sha256: Option<String>,
-    key_env: Option<String>,
-    key_file: Option<PathBuf>,
-    projects: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawUpstream {
-    #[serde(with = "humantime_serde")]
-    connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    request_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
-    max_body: ByteSize,
-}
-
-impl Default for RawUpstream {
-    fn default() -> Self {
-        RawUpstream {
-            connect_timeout: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(10),
-            pool_idle_timeout: Duration::from_secs(60),
-            pool_max_idle_per_host: 64,
-            max_body: ByteSize::mib(1),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawCache {
-    #[serde(with = "humantime_serde")]
-    running_ttl: Duration,
-    #[serde(with = "humantime_serde")]
-    not_found_ttl: Duration,
-    #[serde(with = "humantime_serde")]
-    stale_while_revalidate: Duration,
-    #[serde(with = "humantime_serde")]
-    stale_if_error: Duration,
-    #[serde(with = "humantime_serde")]
-    wait_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    retry_after_default: Duration,
-    #[serde(with = "humantime_serde")]
-    retry_after_max: Duration,
-    #[serde(with = "humantime_serde")]
-    terminal_idle: Option<Duration>,
-    max_bytes: ByteSize,
-    drs_terminal: Vec<String>,
-    roma_terminal: Vec<String>,
-}
-
-impl Default for RawCache {
-    fn default() -> Self {
-        let p = CachePolicy::default();
-        RawCache {
-            running_ttl: p.running_ttl,
-            not_found_ttl: p.not_found_ttl,
-            stale_while_revalidate: p.stale_while_revalidate,
-            stale_if_error: p.stale_if_error,
-            wait_timeout: p.wait_timeout,
-            retry_after_default: p.retry_after_default,
-            retry_after_max: p.retry_after_max,
-            terminal_idle: p.terminal_idle,
-            max_bytes: ByteSize::b(p.max_bytes),
-            drs_terminal: p.terminal.drs,
-            roma_terminal: p.terminal.roma,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRegion {
     drs: Spanned<String>,
     roma: Spanned<String>,
 }
 
+/// Credentials as written: each secret as an `_env` or `_file` pair of keys.
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 enum RawCredential {
@@ -287,10 +213,63 @@ fn default_retry_backoff() -> Duration {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawConsumer {
+    key_sha256: Option<String>,
+    key_env: Option<String>,
+    key_file: Option<PathBuf>,
+    projects: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawProject {
     id: Spanned<String>,
     region: Spanned<String>,
     credential: Spanned<String>,
+}
+
+/// Where each key of the plain sections is written, for checks made after
+/// parsing; read only when such a check fails.
+#[derive(Deserialize, Default)]
+struct Positions {
+    #[serde(default)]
+    server: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    admin: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    upstream: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    cache: BTreeMap<String, Spanned<toml::Value>>,
+}
+
+/// Builds positioned errors over one file's text.
+struct Text<'a>(&'a str);
+
+impl Text<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.0[..offset.min(self.0.len())].matches('\n').count() + 1
+    }
+
+    fn invalid(&self, key: String, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key,
+            line: self.line(span.start),
+            message: message.into(),
+        }
+    }
+
+    /// An error on `section.key` of a plain section, at the key's line.
+    fn at(&self, section: &str, key: &str, message: impl Into<String>) -> ConfigError {
+        let positions: Positions = toml::from_str(self.0).unwrap_or_default();
+        let table = match section {
+            "server" => &positions.server,
+            "admin" => &positions.admin,
+            "upstream" => &positions.upstream,
+            _ => &positions.cache,
+        };
+        let span = table.get(key).map_or(0..0, Spanned::span);
+        self.invalid(format!("{section}.{key}"), span, message)
+    }
 }
 
 impl Config {
@@ -312,101 +291,40 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
-        let invalid = |key: String, span: std::ops::Range<usize>, message: String| {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            ConfigError::Invalid { key, line, message }
-        };
-
-        let u = &raw.upstream;
-        let upstream = UpstreamConfig {
-            connect_timeout: u.connect_timeout,
-            request_timeout: u.request_timeout,
-            pool_idle_timeout: u.pool_idle_timeout,
-            pool_max_idle_per_host: u.pool_max_idle_per_host,
-            max_body: usize::try_from(u.max_body.as_u64()).unwrap_or(usize::MAX),
-        };
-        let mut credentials = HashMap::new();
-        for (name, raw_credential) in &raw.credentials {
-            let fail = |message: String| {
-                invalid(
-                    format!("credentials.{name}"),
-                    raw_credential.span(),
-                    message,
+        let text = Text(text);
+        check_plain_sections(&text, &raw)?;
+        let admin = match raw.admin.listen.as_str() {
+            "" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                text.at(
+                    "admin",
+                    "listen",
+                    format!("{addr:?} is not an address such as 127.0.0.1:9091"),
                 )
-            };
-            let source = |what: &str, env: &Option<String>, file: &Option<PathBuf>| {
-                one_origin(env, file)
-                    .map(SecretSource::new)
-                    .map_err(|m| fail(format!("{m} ({what}_env or {what}_file)")))
-            };
-            let method = match raw_credential.get_ref() {
-                RawCredential::Token {
-                    token_env,
-                    token_file,
-                } => Method::Token(source("token", token_env, token_file)?),
-                RawCredential::Aksk {
-                    ak_env,
-                    ak_file,
-                    sk_env,
-                    sk_file,
-                    security_token_env,
-                    security_token_file,
-                    credentials_file,
-                } => {
-                    let keys_named = [
-                        ak_env.is_some(),
-                        ak_file.is_some(),
-                        sk_env.is_some(),
-                        sk_file.is_some(),
-                    ]
-                    .into_iter()
-                    .any(|named| named);
-                    match credentials_file {
-                        Some(_) if keys_named || security_token_env.is_some() || security_token_file.is_some() => {
-                            return Err(fail("credentials_file replaces ak_*, sk_* and security_token_*; keep one way".into()))
-                        }
-                        Some(path) => Method::AkSk(AkSk::File(SecretSource::new(Origin::File(path.clone())))),
-                        None => Method::AkSk(AkSk::Keys {
-                            ak: source("ak", ak_env, ak_file)?,
-                            sk: source("sk", sk_env, sk_file)?,
-                            security_token: match (security_token_env, security_token_file) {
-                                (None, None) => None,
-                                (env, file) => Some(source("security_token", env, file)?),
-                            },
-                        }),
-                    }
-                }
-                RawCredential::IamPassword {
-                    iam_url,
-                    user,
-                    domain,
-                    password_env,
-                    password_file,
-                    refresh_margin,
-                    retry_backoff,
-                } => Method::IamPassword(Box::new(IamPassword::new(
-                    base_url(iam_url).map_err(|m| fail(format!("iam_url: {m}")))?,
-                    user.clone(),
-                    domain.clone(),
-                    source("password", password_env, password_file)?,
-                    *refresh_margin,
-                    (*retry_backoff).max(Duration::from_millis(10)),
-                    Upstream::new(&upstream),
-                ))),
-            };
-            credentials.insert(name.clone(), Arc::new(Credential::new(name, method)));
+            })?),
+        };
+
+        let mut credentials = BTreeMap::new();
+        for (name, spanned) in &raw.credentials {
+            let spec = credential_spec(spanned.get_ref())
+                .map_err(|m| text.invalid(format!("credentials.{name}"), spanned.span(), m))?;
+            credentials.insert(name.clone(), spec);
         }
 
-        let mut regions = HashMap::new();
+        let mut regions = BTreeMap::new();
         for (name, region) in &raw.regions {
-            let drs = base_url(region.drs.get_ref())
-                .map_err(|m| invalid(format!("regions.{name}.drs"), region.drs.span(), m))?;
-            let roma = base_url(region.roma.get_ref())
-                .map_err(|m| invalid(format!("regions.{name}.roma"), region.roma.span(), m))?;
-            regions.insert(name.clone(), (drs, roma));
+            let url = |field: &str, value: &Spanned<String>| {
+                base_url(value.get_ref()).map_err(|m| {
+                    text.invalid(format!("regions.{name}.{field}"), value.span(), m)
+                })
+            };
+            regions.insert(
+                name.clone(),
+                (url("drs", &region.drs)?, url("roma", &region.roma)?),
+            );
         }
 
-        let mut projects = HashMap::new();
+        let mut projects = BTreeMap::new();
         for (i, project) in raw.projects.iter().enumerate() {
             let at = |field: &str| format!("projects[{i}].{field}");
             let id = project.id.get_ref();
@@ -416,39 +334,36 @@ impl Config {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
-                return Err(invalid(
+                return Err(text.invalid(
                     at("id"),
                     project.id.span(),
-                    "a project ID is 1 to 64 characters of [A-Za-z0-9_-]".into(),
+                    "a project ID is 1 to 64 characters of [A-Za-z0-9_-]",
                 ));
             }
-            let (drs, roma) = regions.get(project.region.get_ref()).ok_or_else(|| {
-                invalid(
+            let region = project.region.get_ref();
+            let (drs, roma) = regions.get(region).ok_or_else(|| {
+                text.invalid(
                     at("region"),
                     project.region.span(),
-                    format!("no [regions.{}] is defined", project.region.get_ref()),
+                    format!("no [regions.{region}] is defined"),
                 )
             })?;
-            let credential = credentials
-                .get(project.credential.get_ref())
-                .ok_or_else(|| {
-                    invalid(
-                        at("credential"),
-                        project.credential.span(),
-                        format!(
-                            "no [credentials.{}] is defined",
-                            project.credential.get_ref()
-                        ),
-                    )
-                })?;
-            let served = Project {
+            let credential = project.credential.get_ref();
+            if !credentials.contains_key(credential) {
+                return Err(text.invalid(
+                    at("credential"),
+                    project.credential.span(),
+                    format!("no [credentials.{credential}] is defined"),
+                ));
+            }
+            let served = ProjectConfig {
                 id: id.clone(),
                 drs: drs.clone(),
                 roma: roma.clone(),
                 credential: credential.clone(),
             };
             if projects.insert(id.clone(), served).is_some() {
-                return Err(invalid(
+                return Err(text.invalid(
                     at("id"),
                     project.id.span(),
                     format!("project {id} is listed twice"),
@@ -456,34 +371,11 @@ impl Config {
             }
         }
 
-        let mut consumers = Vec::new();
-        for (name, raw_consumer) in &raw.consumers {
-            let fail = |message: String| {
-                invalid(format!("consumers.{name}"), raw_consumer.span(), message)
-            };
-            let c = raw_consumer.get_ref();
-            let digest = match (&c.key_sha256, &c.key_env, &c.key_file) {
-                (Some(hex_digest), None, None) => {
-                    let bytes = hex::decode(hex_digest.trim())
-                        .ok()
-                        .filter(|b| b.len() == 32);
-                    bytes.ok_or_else(|| {
-                        fail("key_sha256 must be 64 hex digits (sha256sum of the key)".into())
-                    })?
-                }
-                (None, env, file) if env.is_some() != file.is_some() => {
-                    let key = SecretSource::new(one_origin(env, file).map_err(|m| fail(m.into()))?)
-                        .current()
-                        .map_err(fail)?;
-                    Sha256::digest(key.expose().as_bytes()).to_vec()
-                }
-                _ => {
-                    return Err(fail(
-                        "name exactly one of key_sha256, key_env or key_file".into(),
-                    ))
-                }
-            };
-            if let Some(unknown) = c
+        let mut consumers = BTreeMap::new();
+        for (name, spanned) in &raw.consumers {
+            let fail = |m: String| text.invalid(format!("consumers.{name}"), spanned.span(), m);
+            let spec = consumer_spec(spanned.get_ref()).map_err(|m| fail(m.into()))?;
+            if let Some(unknown) = spec
                 .projects
                 .iter()
                 .flatten()
@@ -493,92 +385,124 @@ impl Config {
                     "projects lists {unknown}, which is not a served project"
                 )));
             }
-            consumers.push(Consumer::new(
-                name,
-                digest.try_into().expect("32 bytes"),
-                c.projects.clone(),
-            ));
+            consumers.insert(name.clone(), spec);
         }
-        let header = http::HeaderName::from_bytes(raw.server.consumer_key_header.as_bytes())
-            .map_err(|_| ConfigError::Invalid {
-                key: "server.consumer_key_header".into(),
-                line: key_line(text, "consumer_key_header"),
-                message: "not a valid header name".into(),
-            })?;
-        let admin = match raw.admin.listen.as_str() {
-            "" => None,
-            addr => Some(addr.parse().map_err(|_| ConfigError::Invalid {
-                key: "admin.listen".into(),
-                line: key_line(text, "listen = \"").max(1),
-                message: format!("{addr:?} is not an address such as 127.0.0.1:9091"),
-            })?),
-        };
-        let s = raw.server;
-        let tls = match (s.tls_cert_file, s.tls_key_file) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some((cert, key)),
-            _ => {
-                return Err(ConfigError::Invalid {
-                    key: "server.tls_cert_file".into(),
-                    line: key_line(text, "tls_"),
-                    message: "tls_cert_file and tls_key_file go together".into(),
-                })
-            }
-        };
 
-        let c = raw.cache;
-        let whole = |key: &str, message: &str| ConfigError::Invalid {
-            key: key.into(),
-            line: key_line(text, key),
-            message: message.into(),
-        };
-        if c.wait_timeout.is_zero() {
-            return Err(whole("wait_timeout", "must be more than zero"));
-        }
-        if raw.upstream.request_timeout.is_zero() {
-            return Err(whole("request_timeout", "must be more than zero"));
-        }
         Ok(Config {
             listen: raw.listen,
-            server: ServerConfig {
-                limits: Limits {
-                    max_connections: s.max_connections.max(1),
-                    header_read_timeout: s.header_read_timeout,
-                    idle_timeout: s.idle_timeout,
-                    max_header_bytes: usize::try_from(s.max_header_bytes.as_u64())
-                        .unwrap_or(usize::MAX),
-                },
-                drain_timeout: s.drain_timeout,
-                tls,
-            },
+            server: raw.server,
             admin,
-            consumers: Consumers::new(header, consumers),
-            upstream,
-            cache: CachePolicy {
-                running_ttl: c.running_ttl,
-                not_found_ttl: c.not_found_ttl,
-                stale_while_revalidate: c.stale_while_revalidate,
-                stale_if_error: c.stale_if_error,
-                wait_timeout: c.wait_timeout,
-                retry_after_default: c.retry_after_default,
-                retry_after_max: c.retry_after_max,
-                terminal_idle: c.terminal_idle,
-                max_bytes: c.max_bytes.as_u64(),
-                terminal: TerminalSets {
-                    drs: c.drs_terminal,
-                    roma: c.roma_terminal,
-                },
-            },
+            upstream: raw.upstream,
+            cache: raw.cache,
+            credentials,
+            consumers,
             projects,
         })
     }
 }
 
-/// The line where a bare `key =` first appears (for checks on whole tables).
-fn key_line(text: &str, key: &str) -> usize {
-    text.lines()
-        .position(|l| l.trim_start().starts_with(key))
-        .map_or(0, |i| i + 1)
+/// Checks on `[server]`, `[upstream]` and `[cache]` that serde cannot express.
+fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError> {
+    let positive = [
+        ("cache", "wait_timeout", raw.cache.wait_timeout),
+        ("upstream", "request_timeout", raw.upstream.request_timeout),
+    ];
+    for (section, key, value) in positive {
+        if value.is_zero() {
+            return Err(text.at(section, key, "must be more than zero"));
+        }
+    }
+    let server = &raw.server;
+    if server.max_connections == 0 {
+        return Err(text.at("server", "max_connections", "must be at least 1"));
+    }
+    if http::HeaderName::from_bytes(server.consumer_key_header.as_bytes()).is_err() {
+        return Err(text.at("server", "consumer_key_header", "not a valid header name"));
+    }
+    match (&server.tls_cert_file, &server.tls_key_file) {
+        (Some(_), None) => Err(text.at("server", "tls_cert_file", "tls_cert_file and tls_key_file go together")),
+        (None, Some(_)) => Err(text.at("server", "tls_key_file", "tls_cert_file and tls_key_file go together")),
+        _ => Ok(()),
+    }
+}
+
+fn credential_spec(raw: &RawCredential) -> Result<CredentialSpec, String> {
+    let source = |what: &str, env: &Option<String>, file: &Option<PathBuf>| {
+        one_origin(env, file).map_err(|m| format!("{m} ({what}_env or {what}_file)"))
+    };
+    Ok(match raw {
+        RawCredential::Token {
+            token_env,
+            token_file,
+        } => CredentialSpec::Token(source("token", token_env, token_file)?),
+        RawCredential::Aksk {
+            ak_env,
+            ak_file,
+            sk_env,
+            sk_file,
+            security_token_env,
+            security_token_file,
+            credentials_file,
+        } => {
+            let others_named = [
+                ak_env.is_some(),
+                ak_file.is_some(),
+                sk_env.is_some(),
+                sk_file.is_some(),
+                security_token_env.is_some(),
+                security_token_file.is_some(),
+            ]
+            .contains(&true);
+            CredentialSpec::AkSk(match credentials_file {
+                Some(_) if others_named => {
+                    return Err("credentials_file replaces ak_*, sk_* and security_token_*; keep one way".into())
+                }
+                Some(path) => AkSkSpec::File(path.clone()),
+                None => AkSkSpec::Keys {
+                    ak: source("ak", ak_env, ak_file)?,
+                    sk: source("sk", sk_env, sk_file)?,
+                    security_token: match (security_token_env, security_token_file) {
+                        (None, None) => None,
+                        (env, file) => Some(source("security_token", env, file)?),
+                    },
+                },
+            })
+        }
+        RawCredential::IamPassword {
+            iam_url,
+            user,
+            domain,
+            password_env,
+            password_file,
+            refresh_margin,
+            retry_backoff,
+        } => CredentialSpec::IamPassword(IamSpec {
+            url: base_url(iam_url).map_err(|m| format!("iam_url: {m}"))?,
+            user: user.clone(),
+            domain: domain.clone(),
+            password: source("password", password_env, password_file)?,
+            refresh_margin: *refresh_margin,
+            retry_backoff: (*retry_backoff).max(Duration::from_millis(10)),
+        }),
+    })
+}
+
+fn consumer_spec(raw: &RawConsumer) -> Result<ConsumerSpec, &'static str> {
+    let key = match (&raw.key_sha256, &raw.key_env, &raw.key_file) {
+        (Some(hex_digest), None, None) => hex::decode(hex_digest.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(KeySpec::Sha256)
+            .ok_or("key_sha256 must be 64 hex digits (sha256sum of the key)")?,
+        (None, env, file) if env.is_some() != file.is_some() => {
+            KeySpec::Secret(one_origin(env, file)?)
+        }
+        _ => return Err("name exactly one of key_sha256, key_env or key_file"),
+    };
+    Ok(ConsumerSpec {
+        key,
+        projects: raw.projects.clone(),
+    })
 }
 
 /// Exactly one of an environment variable or a file.
@@ -642,11 +566,24 @@ credential = "main"
     fn a_good_config_is_checked_into_types() {
         let config = Config::parse(GOOD).unwrap();
         assert_eq!(config.cache.running_ttl, Duration::from_millis(250));
-        assert_eq!(config.cache.max_bytes, 64 * 1024 * 1024);
-        let project = &config.projects["0123456789abcdef0123456789abcdef"];
+        assert_eq!(config.cache.max_bytes, ByteSize::mib(64));
+        let project = &config.projects[PROJECT];
         assert_eq!(project.drs, "https://drs.cn-north-4.myhuaweicloud.com");
         assert_eq!(project.roma, "http://127.0.0.1:9000");
-        assert_eq!(project.credential.identity().as_ref(), "token:main");
+        assert_eq!(
+            config.credentials[&project.credential],
+            CredentialSpec::Token(Origin::Env("PGW_TOKEN".into()))
+        );
+    }
+
+    #[test]
+    fn defaults_come_from_the_checked_types() {
+        let config = Config::parse(GOOD).unwrap();
+        assert_eq!(config.upstream, UpstreamConfig::default());
+        assert_eq!(config.server, ServerConfig::default());
+        assert_eq!(config.server.limits(), Limits::default());
+        assert_eq!(config.cache.wait_timeout, CachePolicy::default().wait_timeout);
+        assert_eq!(config.admin, Some("127.0.0.1:9091".parse().unwrap()));
     }
 
     fn error(text: &str) -> String {
@@ -666,6 +603,23 @@ credential = "main"
         assert!(e.contains("line 5"), "{e}");
         let e = error(&GOOD.replace("\"64MiB\"", "\"lots\""));
         assert!(e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn checks_after_parsing_name_the_line_of_their_key() {
+        let text = format!("{GOOD}\n[upstream]\nconnect_timeout = \"1s\"\nrequest_timeout = \"0s\"\n");
+        let e = error(&text);
+        assert!(e.contains("upstream.request_timeout") && e.contains("line 23"), "{e}");
+        let text = GOOD.replace("max_bytes", "wait_timeout = \"0ms\"\nmax_bytes");
+        let e = error(&text);
+        assert!(e.contains("cache.wait_timeout") && e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn an_admin_address_error_names_its_own_line_not_the_top_level_listen() {
+        let text = "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"nowhere\"\n";
+        let e = error(text);
+        assert!(e.contains("admin.listen") && e.contains("line 3"), "{e}");
     }
 
     #[test]
@@ -707,12 +661,10 @@ credential = "main"
             "kind = \"token\"\ntoken_env = \"PGW_TOKEN\"",
             "kind = \"aksk\"\nak_env = \"AK\"\nsk_file = \"/run/sk\"",
         );
-        assert_eq!(
-            Config::parse(&aksk).unwrap().projects[PROJECT]
-                .credential
-                .kind(),
-            "aksk"
-        );
+        assert!(matches!(
+            Config::parse(&aksk).unwrap().credentials["main"],
+            CredentialSpec::AkSk(AkSkSpec::Keys { .. })
+        ));
         let both = aksk.replace(
             "sk_file = \"/run/sk\"",
             "sk_file = \"/run/sk\"\ncredentials_file = \"/run/c.json\"",
@@ -724,25 +676,24 @@ credential = "main"
             "kind = \"token\"\ntoken_env = \"PGW_TOKEN\"",
             "kind = \"iam-password\"\niam_url = \"https://iam.example.com\"\nuser = \"bot\"\ndomain = \"acme\"\npassword_env = \"PW\"\nrefresh_margin = \"10m\"",
         );
-        let config = Config::parse(&iam).unwrap();
-        assert_eq!(
-            config.projects[PROJECT].credential.identity().as_ref(),
-            "iam:bot@acme"
-        );
+        let CredentialSpec::IamPassword(spec) = &Config::parse(&iam).unwrap().credentials["main"]
+        else {
+            panic!("an IAM credential")
+        };
+        assert_eq!(spec.refresh_margin, Duration::from_secs(600));
         assert!(error(&iam.replace("https://iam.example.com", "iam")).contains("iam_url"));
     }
 
     #[test]
-    fn debug_output_never_holds_secrets() {
-        std::env::set_var("PGW_TEST_DEBUG_SECRET", "s3cr3t-value-never-shown");
-        let text = GOOD.replace("PGW_TOKEN", "PGW_TEST_DEBUG_SECRET");
+    fn parsing_reads_no_secret() {
+        // A consumer key from a file that does not exist: parsing only names it.
+        let text = format!(
+            "{GOOD}\n[consumers.ci]\nkey_file = \"/nonexistent/pgw-key\"\n"
+        );
         let config = Config::parse(&text).unwrap();
-        let credential = &config.projects[PROJECT].credential;
-        assert_eq!(credential.unready(PROJECT), None);
-        let shown = format!("{config:?}");
-        assert!(
-            shown.contains("PGW_TEST_DEBUG_SECRET") && !shown.contains("s3cr3t"),
-            "{shown}"
+        assert_eq!(
+            config.consumers["ci"].key,
+            KeySpec::Secret(Origin::File("/nonexistent/pgw-key".into()))
         );
     }
 
@@ -758,9 +709,11 @@ credential = "main"
         let e = error(&ok.replace(&digest, "abc"));
         assert!(e.contains("64 hex digits"), "{e}");
         let e = error(&format!("{GOOD}\n[server]\ntls_cert_file = \"c.pem\"\n"));
-        assert!(e.contains("go together"), "{e}");
-        let e = error(&format!("{GOOD}\n[admin]\nlisten = \"nowhere\"\n"));
-        assert!(e.contains("admin.listen"), "{e}");
+        assert!(e.contains("go together") && e.contains("line 22"), "{e}");
+        let e = error(&format!("{GOOD}\n[server]\nconsumer_key_header = \"bad header\"\n"));
+        assert!(e.contains("server.consumer_key_header") && e.contains("line 22"), "{e}");
+        let e = error(&format!("{GOOD}\n[server]\nmax_connections = 0\n"));
+        assert!(e.contains("server.max_connections"), "{e}");
         let off = Config::parse(&format!("{GOOD}\n[admin]\nlisten = \"\"\n")).unwrap();
         assert!(off.admin.is_none());
     }

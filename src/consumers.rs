@@ -5,13 +5,40 @@
 //! Keys are kept only as SHA-256 digests and compared in constant time; a key
 //! never reaches a log line. With no consumer configured the gateway is open.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::credentials::{CredentialError, Origin, SecretSource};
 use crate::error::GatewayError;
+
+/// A consumer as the config describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    pub key: KeySpec,
+    /// None: every served project.
+    pub projects: Option<Vec<String>>,
+}
+
+/// How a consumer's key is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySpec {
+    /// The SHA-256 digest of the key, written in the config.
+    Sha256([u8; 32]),
+    /// The key itself, read from an environment variable or a file.
+    Secret(Origin),
+}
+
+/// A consumer whose key could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("consumers.{name}: the key cannot be read")]
+pub struct ConsumerError {
+    pub name: String,
+    #[source]
+    pub source: CredentialError,
+}
 
 #[derive(Debug)]
 pub struct Consumer {
@@ -40,6 +67,30 @@ pub struct Consumers {
 impl Consumers {
     pub fn new(header: HeaderName, list: Vec<Consumer>) -> Self {
         Consumers { header, list }
+    }
+
+    /// Reads the keys the specs name (digests only are kept).
+    pub fn build(
+        header: HeaderName,
+        specs: &BTreeMap<String, ConsumerSpec>,
+    ) -> Result<Consumers, ConsumerError> {
+        let mut list = Vec::with_capacity(specs.len());
+        for (name, spec) in specs {
+            let digest = match &spec.key {
+                KeySpec::Sha256(digest) => *digest,
+                KeySpec::Secret(origin) => {
+                    let key = SecretSource::new(origin.clone())
+                        .current()
+                        .map_err(|source| ConsumerError {
+                            name: name.clone(),
+                            source,
+                        })?;
+                    Sha256::digest(key.expose().as_bytes()).into()
+                }
+            };
+            list.push(Consumer::new(name, digest, spec.projects.clone()));
+        }
+        Ok(Consumers::new(header, list))
     }
 
     pub fn len(&self) -> usize {

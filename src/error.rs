@@ -10,11 +10,13 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::credentials::CredentialError;
 use crate::route::RouteError;
+use crate::upstream::UpstreamError;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Everything that makes the gateway answer with an error of its own.
+/// Everything that makes the gateway answer with an error of its own. Each
+/// variant's text includes its direct cause; [`GatewayError::message`] adds
+/// the rest of the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("no such route: only GET /v5/{{project_id}}/jobs/{{async_job_id}}/export/progress and GET /v2/{{project_id}}/instances/{{instance_id}}/assets/jobs/{{job_id}} are served")]
@@ -29,30 +31,28 @@ pub enum GatewayError {
     ConsumerUnauthorized,
     #[error("consumer may not use project {0}")]
     ConsumerForbidden(String),
-    #[error("no usable upstream credential for project {project}: {reason}")]
-    CredentialUnavailable { project: String, reason: String },
-    #[error("upstream {api} unreachable: {source}")]
-    UpstreamUnreachable {
+    #[error("no usable upstream credential for project {project}: {source}")]
+    CredentialUnavailable {
+        project: String,
+        #[source]
+        source: CredentialError,
+    },
+    #[error("upstream {api} {source}")]
+    Upstream {
         api: &'static str,
         #[source]
-        source: BoxError,
-    },
-    #[error("upstream {api} sent an unusable answer: {reason}")]
-    UpstreamInvalid { api: &'static str, reason: String },
-    #[error("upstream {api} did not answer within {}", humantime::format_duration(*.timeout))]
-    UpstreamTimeout {
-        api: &'static str,
-        timeout: Duration,
+        source: UpstreamError,
     },
     #[error("timed out after {} waiting for the shared upstream request", humantime::format_duration(*.0))]
     WaitTimeout(Duration),
-    #[error("upstream {api} is throttling this project; retry after {} s", retry_after.as_secs())]
+    #[error("upstream {api} is throttling this project; retry after {} s", retry_after_secs(*.retry_after))]
     Throttled {
         api: &'static str,
         retry_after: Duration,
     },
-    #[error("the gateway is shutting down")]
-    ShuttingDown,
+    /// A bug: the shared upstream fetch ended without an outcome (it panicked).
+    #[error("internal error: the upstream fetch was aborted")]
+    FetchAborted,
 }
 
 impl From<RouteError> for GatewayError {
@@ -75,16 +75,16 @@ impl GatewayError {
                 StatusCode::FORBIDDEN
             }
             GatewayError::ConsumerUnauthorized => StatusCode::UNAUTHORIZED,
-            GatewayError::CredentialUnavailable { .. } | GatewayError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamInvalid { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
-            GatewayError::UpstreamTimeout { .. } | GatewayError::WaitTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            GatewayError::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Upstream { source, .. } => match source {
+                UpstreamError::Unreachable(_) | UpstreamError::Invalid(_) => {
+                    StatusCode::BAD_GATEWAY
+                }
+                UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            },
+            GatewayError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::FetchAborted => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -98,25 +98,26 @@ impl GatewayError {
             GatewayError::ConsumerForbidden(_) => "PGW.4031",
             GatewayError::ConsumerUnauthorized => "PGW.4010",
             GatewayError::CredentialUnavailable { .. } => "PGW.5030",
-            GatewayError::ShuttingDown => "PGW.5031",
-            GatewayError::UpstreamUnreachable { .. } => "PGW.5020",
-            GatewayError::UpstreamInvalid { .. } => "PGW.5021",
-            GatewayError::UpstreamTimeout { .. } => "PGW.5040",
+            GatewayError::Upstream { source, .. } => match source {
+                UpstreamError::Unreachable(_) => "PGW.5020",
+                UpstreamError::Invalid(_) => "PGW.5021",
+                UpstreamError::Timeout(_) => "PGW.5040",
+            },
+            GatewayError::FetchAborted => "PGW.5000",
             GatewayError::WaitTimeout(_) => "PGW.5041",
             GatewayError::Throttled { .. } => "PGW.4290",
         }
     }
 
     /// The message with its cause chain, as the client and the log see it.
-    /// Causes are transport errors; no credential is ever part of one.
+    /// Causes are transport and credential errors; no secret is part of one.
     pub fn message(&self) -> String {
         use std::error::Error;
+        // The text already includes the direct cause.
         let mut msg = self.to_string();
-        let mut cause = self.source().and_then(|s| s.source());
-        while let Some(c) = cause {
+        if let Some(rest) = self.source().and_then(|s| s.source()) {
             msg.push_str(": ");
-            msg.push_str(&c.to_string());
-            cause = c.source();
+            msg.push_str(&chain(rest));
         }
         msg
     }
@@ -150,6 +151,18 @@ impl GatewayError {
         }
         response
     }
+}
+
+/// An error and its causes on one line, `: `-separated (for logs and `/readyz`).
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// `Retry-After` in whole seconds, rounded up so a client never retries early.
@@ -186,6 +199,11 @@ mod tests {
             GatewayError::MethodNotAllowed,
             GatewayError::BadRequest("x"),
             GatewayError::WaitTimeout(Duration::from_secs(1)),
+            GatewayError::FetchAborted,
+            GatewayError::Upstream {
+                api: "drs",
+                source: UpstreamError::Timeout(Duration::from_secs(1)),
+            },
             GatewayError::Throttled {
                 api: "drs",
                 retry_after: Duration::from_secs(1),
@@ -194,6 +212,22 @@ mod tests {
         for e in errors {
             assert!(e.code()[4..].starts_with(e.status().as_str()), "{e:?}");
         }
+    }
+
+    #[test]
+    fn messages_carry_the_whole_cause_chain_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = GatewayError::CredentialUnavailable {
+            project: "p".into(),
+            source: CredentialError::Read {
+                origin: crate::credentials::Origin::File("/run/token".into()),
+                source: io,
+            },
+        };
+        assert_eq!(
+            error.message(),
+            "no usable upstream credential for project p: cannot read file /run/token: no such file"
+        );
     }
 
     #[test]

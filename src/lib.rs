@@ -7,33 +7,39 @@
 //!
 //! # Layout
 //!
-//! A request's way, in module order:
+//! [`app`] is the composition root: it turns a [`config::Config`] into the
+//! running parts and owns serve, reload and drain. A request's way, in order:
 //!
-//! - [`server`]: listener, HTTP/1.1 and h2c connections, graceful drain.
-//! - [`proxy`]: one request: request id, route, project, cache, response, access log.
+//! - [`server`]: listener, HTTP/1.1 and HTTP/2, TLS, limits, graceful drain.
+//! - [`proxy`]: one request: request id, route, consumer, project, response, access log.
 //! - [`route`]: the two routes, as a `match` over path segments.
-//! - [`cache`]: stored answers, single-flight fetches, stale fallbacks, 429 backoff.
-//! - [`policy`]: pure cache decisions: classification, freshness, `Retry-After`.
-//! - [`upstream`]: the pooled TLS client toward Huawei Cloud.
+//! - [`cache`]: stored answers, single flight, stale fallbacks, 429 backoff.
+//! - [`fetch`]: the upstream exchange for one job (authorise, send, record, retry on 401).
+//! - [`upstream`]: the pooled HTTP client toward Huawei Cloud.
 //! - [`credentials`]: where secrets come from and how requests are authenticated.
 //!
-//! Beside it: [`consumers`] (who may use the gateway), [`config`] (file →
-//! checked types, reloadable), [`error`] (every gateway error mapped to a status
-//! and a Huawei-shaped body), [`admin`] and [`metrics`] (the operator's view),
-//! [`simulator`] (both upstream APIs, for tests, the demo and benchmarks) and
-//! [`demo`] (`progress-gateway demo`).
+//! Beside it: [`config`] (the file, checked into plain data), [`consumers`]
+//! (who may use the gateway), [`error`] (every gateway error mapped to a
+//! status and a Huawei-shaped body), [`admin`] and [`metrics`] (the operator's
+//! view), [`signal`] (SIGHUP, SIGTERM, SIGINT) and, behind the `tools`
+//! feature, `tools` (the upstream simulator and the demo).
+//!
+//! Dependencies point one way, down that list: no module imports one that
+//! imports it back.
 
 pub mod admin;
+pub mod app;
 pub mod cache;
 pub mod config;
 pub mod consumers;
 pub mod credentials;
-pub mod demo;
 pub mod error;
+pub mod fetch;
 pub mod metrics;
-pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod server;
-pub mod simulator;
+pub mod signal;
+#[cfg(feature = "tools")]
+pub mod tools;
 pub mod upstream;

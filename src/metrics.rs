@@ -1,19 +1,19 @@
-//! Prometheus metrics: counters and a histogram the request path updates, and
-//! a collector that reads the cache and the credentials at scrape time.
+//! Prometheus metrics. Each counter moves where its event happens (a request
+//! answered, an upstream exchange, a waiter coalesced, an eviction, a credential
+//! refreshed or missing); the few values that are states rather than events
+//! (entries, bytes, backoffs in force) are gauges the admin listener sets just
+//! before it encodes. This module knows nothing of the gateway: the parts that
+//! count hold the handles they need. One `Metrics` lives for the whole process,
+//! so a config reload never resets a counter.
 
-use std::sync::Weak;
 use std::time::Duration;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::TypedMetric;
 use prometheus_client::registry::Registry;
-
-use crate::proxy::Gateway;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -44,67 +44,133 @@ struct CredentialLabels {
 
 type LatencyFamily = Family<ApiLabels, Histogram, fn() -> Histogram>;
 
-/// Records upstream exchanges; cloned into each detached fetch.
-#[derive(Clone, Debug)]
-pub struct UpstreamRecorder {
-    requests: Family<UpstreamLabels, Counter>,
-    latency: LatencyFamily,
+/// Why an upstream exchange produced no answer, or that it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Answered,
+    Unreachable,
+    Timeout,
+    /// Connected, but what came back was not a usable HTTP answer.
+    Invalid,
+    /// Never sent: no usable credential.
+    Credential,
 }
 
-impl UpstreamRecorder {
-    pub fn record(&self, api: &'static str, status: u16, outcome: &'static str, took: Duration) {
-        self.requests
-            .get_or_create(&UpstreamLabels {
-                api,
-                status,
-                outcome,
-            })
-            .inc();
-        if outcome == "answered" {
-            self.latency
-                .get_or_create(&ApiLabels { api })
-                .observe(took.as_secs_f64());
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Unreachable => "unreachable",
+            Outcome::Timeout => "timeout",
+            Outcome::Invalid => "invalid",
+            Outcome::Credential => "credential",
         }
     }
 }
 
+/// A credential's own counters, handed to it when it is built.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialCounters {
+    /// Credentials obtained or renewed (IAM tokens issued).
+    pub refreshes: Counter,
+    /// Upstream requests that found no usable credential.
+    pub failures: Counter,
+}
+
+/// Every metric the gateway exports, under the `pgw_` prefix.
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    upstream: UpstreamRecorder,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    upstream_latency: LatencyFamily,
+    credential_refreshes: Family<CredentialLabels, Counter>,
+    credential_failures: Family<CredentialLabels, Counter>,
+    /// Requests that waited for another request's upstream fetch.
+    pub coalesced: Counter,
+    /// Answers dropped to stay within the byte budget.
+    pub evictions: Counter,
+    pub cache_entries: Gauge,
+    pub cache_bytes: Gauge,
+    /// (API, project) pairs backing off after a 429.
+    pub backoffs: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    pub fn new(gateway: Weak<Gateway>) -> Self {
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("pgw");
-        let requests = Family::<RequestLabels, Counter>::default();
+        let metrics = Metrics {
+            requests: Family::default(),
+            upstream_requests: Family::default(),
+            // 1 ms to about 16 s.
+            upstream_latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 15))
+            }),
+            credential_refreshes: Family::default(),
+            credential_failures: Family::default(),
+            coalesced: Counter::default(),
+            evictions: Counter::default(),
+            cache_entries: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            backoffs: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let m = &metrics;
         registry.register(
             "requests",
             "Client requests by route, status and cache outcome",
-            requests.clone(),
+            m.requests.clone(),
         );
-        let upstream = UpstreamRecorder {
-            requests: Family::default(),
-            // 1 ms to about 16 s.
-            latency: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.001, 2.0, 15))
-            }),
-        };
         registry.register(
             "upstream_requests",
             "Upstream requests by API, status and outcome",
-            upstream.requests.clone(),
+            m.upstream_requests.clone(),
         );
         registry.register(
             "upstream_latency_seconds",
             "Upstream answer latency by API",
-            upstream.latency.clone(),
+            m.upstream_latency.clone(),
         );
-        registry.register_collector(Box::new(Scraped(gateway)));
+        registry.register(
+            "coalesced_waiters",
+            "Requests that shared another request's upstream fetch",
+            m.coalesced.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Answers evicted to stay within the budget",
+            m.evictions.clone(),
+        );
+        registry.register("cache_entries", "Answers stored", m.cache_entries.clone());
+        registry.register(
+            "cache_bytes",
+            "Bytes weighed against the budget",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "upstream_backoffs",
+            "API and project pairs backing off after a 429",
+            m.backoffs.clone(),
+        );
+        registry.register(
+            "credential_refreshes",
+            "Credentials obtained or renewed (IAM tokens)",
+            m.credential_refreshes.clone(),
+        );
+        registry.register(
+            "credential_failures",
+            "Upstream requests that found no usable credential",
+            m.credential_failures.clone(),
+        );
         Metrics {
             registry,
-            requests,
-            upstream,
+            ..metrics
         }
     }
 
@@ -118,8 +184,33 @@ impl Metrics {
             .inc();
     }
 
-    pub fn upstream(&self) -> UpstreamRecorder {
-        self.upstream.clone()
+    /// One upstream exchange (retries count again); latency only for answers.
+    pub fn upstream(&self, api: &'static str, status: u16, outcome: Outcome, took: Duration) {
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                api,
+                status,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if outcome == Outcome::Answered {
+            self.upstream_latency
+                .get_or_create(&ApiLabels { api })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// The counters of the credential `name`; the same name gets the same
+    /// counters, so a credential rebuilt by a reload continues its counts.
+    pub fn credential(&self, name: &str, kind: &'static str) -> CredentialCounters {
+        let labels = CredentialLabels {
+            credential: name.to_string(),
+            kind,
+        };
+        CredentialCounters {
+            refreshes: self.credential_refreshes.get_or_create(&labels).clone(),
+            failures: self.credential_failures.get_or_create(&labels).clone(),
+        }
     }
 
     /// The exposition in the OpenMetrics text format.
@@ -131,90 +222,29 @@ impl Metrics {
     }
 }
 
-/// Values read from the gateway's state at scrape time.
-#[derive(Debug)]
-struct Scraped(Weak<Gateway>);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn one<M: EncodeMetric + TypedMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: M,
-) -> Result<(), std::fmt::Error> {
-    metric.encode(encoder.encode_descriptor(name, help, None, M::TYPE)?)
-}
+    #[test]
+    fn credential_counters_are_shared_by_name() {
+        let metrics = Metrics::new();
+        metrics.credential("main", "token").failures.inc();
+        metrics.credential("main", "token").failures.inc();
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"pgw_credential_failures_total{credential="main",kind="token"} 2"#),
+            "{text}"
+        );
+    }
 
-impl Collector for Scraped {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(gateway) = self.0.upgrade() else {
-            return Ok(());
-        };
-        let stats = gateway.cache().stats();
-        let e = &mut encoder;
-        one(
-            e,
-            "cache_entries",
-            "Answers stored",
-            ConstGauge::new(stats.entries as i64),
-        )?;
-        one(
-            e,
-            "cache_bytes",
-            "Bytes weighed against the budget",
-            ConstGauge::new(stats.bytes as i64),
-        )?;
-        one(
-            e,
-            "cache_evictions",
-            "Answers evicted to stay within the budget",
-            ConstCounter::new(stats.evictions),
-        )?;
-        one(
-            e,
-            "coalesced_waiters",
-            "Requests that shared another request's upstream fetch",
-            ConstCounter::new(stats.coalesced),
-        )?;
-        one(
-            e,
-            "upstream_backoffs",
-            "API and project pairs backing off after a 429",
-            ConstGauge::new(stats.backoffs as i64),
-        )?;
-
-        let state = gateway.state();
-        let mut credentials: Vec<_> = state
-            .config
-            .projects
-            .values()
-            .map(|p| p.credential.clone())
-            .collect();
-        credentials.sort_by(|a, b| a.name.cmp(&b.name));
-        credentials.dedup_by(|a, b| a.name == b.name);
-        for (name, help, pick) in [
-            (
-                "credential_refreshes",
-                "Credentials obtained or renewed (IAM tokens)",
-                0,
-            ),
-            (
-                "credential_failures",
-                "Upstream requests that found no usable credential",
-                1,
-            ),
-        ] {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, ConstCounter::<u64>::TYPE)?;
-            for credential in &credentials {
-                let (refreshes, failures) = credential.stats();
-                let labels = CredentialLabels {
-                    credential: credential.name.clone(),
-                    kind: credential.kind(),
-                };
-                let value = if pick == 0 { refreshes } else { failures };
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+    #[test]
+    fn upstream_latency_is_observed_only_for_answers() {
+        let metrics = Metrics::new();
+        metrics.upstream("drs", 200, Outcome::Answered, Duration::from_millis(3));
+        metrics.upstream("drs", 0, Outcome::Timeout, Duration::from_secs(9));
+        let text = metrics.encode();
+        assert!(text.contains(r#"pgw_upstream_latency_seconds_count{api="drs"} 1"#), "{text}");
+        assert!(text.contains(r#"outcome="timeout"} 1"#), "{text}");
     }
 }

@@ -1,9 +1,10 @@
 //! One client request's way through the gateway: request id, route, project,
 //! cache (which fetches upstream with the project's credential), response.
 //!
-//! [`Gateway::handle`] logs and turns errors into Huawei-shaped answers around
-//! [`Gateway::answer`], which returns `Result` and uses `?` freely.
+//! [`Gateway::answer`] logs and turns errors into Huawei-shaped answers around
+//! `Gateway::serve`, which returns `Result` and uses `?` freely.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +15,14 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body_util::Full;
 use tokio::time::Instant;
 
-use crate::cache::{Answer, Cache, CacheKey};
-use crate::config::{Config, Project};
+use crate::cache::policy::freshness;
+use crate::cache::{Answer, Cache, CacheKey, CacheStatus, Class, Freshness};
+use crate::consumers::Consumers;
+use crate::credentials::Credential;
 use crate::error::GatewayError;
+use crate::fetch::FetchRequest;
 use crate::metrics::Metrics;
-use crate::policy::{freshness, CacheStatus, Class, Freshness};
 use crate::route::{self, Api, Route};
-use crate::upstream::{Upstream, UpstreamResponse};
 
 /// `max-age` sent for a terminal answer: it will not change, but a day keeps
 /// clients from holding it past a config change of the terminal sets.
@@ -30,22 +32,41 @@ const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GATEWAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-gateway-request-id");
 
-const USER_AGENT: &str = concat!("progress-gateway/", env!("CARGO_PKG_VERSION"));
-
-/// The gateway: the running state (swapped whole on a config reload), the
-/// cache (kept across reloads) and the metrics.
-pub struct Gateway {
-    state: ArcSwap<State>,
-    cache: Cache,
-    metrics: Metrics,
-    /// Set once the proxy listener is bound (for `/readyz`).
-    listening: AtomicBool,
+/// A served project as the request path needs it.
+#[derive(Debug)]
+pub struct Project {
+    pub id: String,
+    /// `scheme://authority`, no trailing slash.
+    pub drs: String,
+    pub roma: String,
+    pub credential: Arc<Credential>,
 }
 
-/// What a config reload replaces.
-pub struct State {
-    pub config: Config,
-    upstream: Upstream,
+impl Project {
+    pub fn base(&self, api: Api) -> &str {
+        match api {
+            Api::Drs => &self.drs,
+            Api::Roma => &self.roma,
+        }
+    }
+}
+
+/// Who is served and how: swapped whole on a config reload.
+#[derive(Debug)]
+pub struct Tenants {
+    /// By project ID.
+    pub projects: HashMap<String, Project>,
+    pub consumers: Consumers,
+}
+
+/// The proxy's request handler: the tenants (swapped on reload), the cache
+/// (kept across reloads) and the metrics.
+pub struct Gateway {
+    tenants: ArcSwap<Tenants>,
+    cache: Cache,
+    metrics: Arc<Metrics>,
+    /// Set once the proxy listener is bound (for `/readyz`).
+    listening: AtomicBool,
 }
 
 /// What the access log line reports beyond the response status.
@@ -58,46 +79,34 @@ struct Trace<'a> {
     error: Option<&'static str>,
 }
 
+impl crate::server::Handler for Gateway {
+    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        self.answer(request).await
+    }
+}
+
 impl Gateway {
-    pub fn new(config: Config) -> Arc<Self> {
-        Arc::new_cyclic(|weak| Gateway {
-            cache: Cache::new(config.cache.clone()),
-            metrics: Metrics::new(weak.clone()),
-            state: ArcSwap::from_pointee(State {
-                upstream: Upstream::new(&config.upstream),
-                config,
-            }),
+    pub fn new(tenants: Tenants, cache: Cache, metrics: Arc<Metrics>) -> Self {
+        Gateway {
+            tenants: ArcSwap::from_pointee(tenants),
+            cache,
+            metrics,
             listening: AtomicBool::new(false),
-        })
+        }
     }
 
-    /// Serves the proxy on `listener` in the background with default limits
-    /// until the runtime ends (tests, the demo, benchmarks; `serve` has the rest).
-    pub fn spawn(self: &Arc<Self>, listener: tokio::net::TcpListener) {
-        let gateway = self.clone();
-        self.set_listening();
-        tokio::spawn(crate::server::serve(
-            listener,
-            move |request| {
-                let gateway = gateway.clone();
-                async move { gateway.handle(request).await }
-            },
-            std::future::pending(),
-            Duration::ZERO,
-        ));
+    /// The current tenants; a reload does not change an `Arc` already taken.
+    pub fn tenants(&self) -> Arc<Tenants> {
+        self.tenants.load_full()
     }
 
-    /// The running state; a reload does not change an `Arc` already taken.
-    pub fn state(&self) -> Arc<State> {
-        self.state.load_full()
+    /// Replaces the tenants at once: requests in progress finish with the old ones.
+    pub fn set_tenants(&self, tenants: Tenants) {
+        self.tenants.store(Arc::new(tenants));
     }
 
     pub fn cache(&self) -> &Cache {
         &self.cache
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
     }
 
     pub fn set_listening(&self) {
@@ -108,65 +117,13 @@ impl Gateway {
         self.listening.load(Ordering::Relaxed)
     }
 
-    /// Replaces the running config at once: requests in progress finish with
-    /// the old one, connections and cached answers stay. Returns the keys that
-    /// changed but only take effect after a restart.
-    pub fn reload(&self, config: Config) -> Vec<&'static str> {
-        let old = self.state.load();
-        let was = &old.config;
-        let mut restart = Vec::new();
-        for (changed, key) in [
-            (config.listen != was.listen, "listen"),
-            (config.admin != was.admin, "admin.listen"),
-            (
-                config.cache.max_bytes != was.cache.max_bytes,
-                "cache.max_bytes",
-            ),
-            (
-                config.server.tls != was.server.tls,
-                "server.tls_cert_file / tls_key_file",
-            ),
-            (
-                config.server.limits != was.server.limits,
-                "server connection limits",
-            ),
-            (
-                config.server.drain_timeout != was.server.drain_timeout,
-                "server.drain_timeout",
-            ),
-        ] {
-            if changed {
-                restart.push(key);
-            }
-        }
-        let upstream = if config.upstream == was.upstream {
-            old.upstream.clone()
-        } else {
-            Upstream::new(&config.upstream)
-        };
-        self.cache.set_policy(config.cache.clone());
-        self.state.store(Arc::new(State { config, upstream }));
-        restart
-    }
-
-    /// Obtains every project's credential ahead of the first request, logging
-    /// those that cannot be used yet (their requests get 503 until they can).
-    pub async fn prepare_credentials(self: Arc<Self>) {
-        let state = self.state();
-        for project in state.config.projects.values() {
-            if let Err(reason) = project.credential.prepare(&project.id).await {
-                tracing::warn!(project = %project.id, credential = %project.credential.name, %reason, "credential not usable yet; its requests get 503");
-            }
-        }
-    }
-
     /// Answers one request; never fails (errors become Huawei-shaped answers).
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn answer<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
         let started = std::time::Instant::now();
         let request_id = request_id(request.headers());
         let mut trace = Trace::default();
-        let state = self.state();
-        let response = match self.answer(&state, &request, &request_id, &mut trace).await {
+        let tenants = self.tenants.load();
+        let response = match self.serve(&tenants, &request, &request_id, &mut trace).await {
             Ok(response) => response,
             Err(error) => {
                 trace.error = Some(error.code());
@@ -195,9 +152,9 @@ impl Gateway {
         response
     }
 
-    async fn answer<'a, B>(
+    async fn serve<'a, B>(
         &self,
-        state: &'a State,
+        tenants: &'a Tenants,
         request: &'a Request<B>,
         request_id: &str,
         trace: &mut Trace<'a>,
@@ -206,109 +163,18 @@ impl Gateway {
             route::parse(request.method(), request.uri().path()).map_err(GatewayError::from)?;
         trace.api = Some(route.api);
         trace.project = Some(route.project);
-        let consumer = state
-            .config
-            .consumers
-            .check(request.headers(), route.project)?;
-        trace.consumer = consumer;
-        let project = state
-            .config
+        trace.consumer = tenants.consumers.check(request.headers(), route.project)?;
+        let project = tenants
             .projects
             .get(route.project)
             .ok_or_else(|| GatewayError::ProjectNotServed(route.project.to_string()))?;
         let language = language(request.headers())?;
         let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
-        let fetch = self.fetcher(state, &route, project, language.as_deref(), request_id);
+        // Built only when the cache starts a fetch: a hit builds nothing.
+        let fetch = || fetch_request(&route, project, language.as_deref(), request_id);
         let answer = self.cache.get(key, route.api, route.project, fetch).await?;
         trace.cache = Some(answer.status);
         Ok(self.respond(&answer, request, request_id))
-    }
-
-    /// The upstream fetch for one key, built only when the cache starts one (a
-    /// hit builds nothing). The future owns what it needs, since it runs
-    /// detached, and reads the credential only when it runs.
-    fn fetcher<'a>(
-        &'a self,
-        state: &'a State,
-        route: &'a Route,
-        project: &'a Project,
-        language: Option<&'a str>,
-        request_id: &'a str,
-    ) -> impl FnOnce() -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<UpstreamResponse, GatewayError>> + Send>,
-    > + 'a {
-        move || {
-            let uri = format!("{}{}", project.base(route.api), route.upstream_path());
-            let api = route.api;
-            let project_id = project.id.clone();
-            let credential = project.credential.clone();
-            let request_id = request_id.to_string();
-            let upstream = state.upstream.clone();
-            let recorder = self.metrics.upstream();
-            let language = language.map(str::to_string);
-            Box::pin(async move {
-                // Built from scratch: nothing the client sent reaches upstream
-                // except the validated path and a normalised X-Language.
-                let build = || {
-                    let mut builder = Request::get(&uri)
-                        .header(header::ACCEPT, "application/json")
-                        // Identity, so the cache can read the body.
-                        .header(header::ACCEPT_ENCODING, "identity")
-                        .header(header::CONTENT_TYPE, "application/json")
-                        .header(header::USER_AGENT, USER_AGENT)
-                        .header("x-project-id", &project_id)
-                        .header("x-request-id", &request_id);
-                    if let Some(language) = &language {
-                        builder = builder.header("x-language", language);
-                    }
-                    builder.body(Full::new(Bytes::new())).map_err(|e| {
-                        GatewayError::UpstreamInvalid {
-                            api: api.as_str(),
-                            reason: format!("cannot build the upstream request: {e}"),
-                        }
-                    })
-                };
-                let unavailable = |reason| GatewayError::CredentialUnavailable {
-                    project: project_id.clone(),
-                    reason,
-                };
-                // Every upstream exchange is counted and timed, retries included.
-                let send = |request| async {
-                    let started = std::time::Instant::now();
-                    let result = upstream.send(api, request).await;
-                    let (status, outcome) = match &result {
-                        Ok(response) => (response.status.as_u16(), "answered"),
-                        Err(GatewayError::UpstreamTimeout { .. }) => (0, "timeout"),
-                        Err(GatewayError::UpstreamUnreachable { .. }) => (0, "unreachable"),
-                        Err(_) => (0, "invalid"),
-                    };
-                    recorder.record(api.as_str(), status, outcome, started.elapsed());
-                    result
-                };
-                let mut request = build()?;
-                let used = credential
-                    .authorize(&project_id, &mut request)
-                    .await
-                    .map_err(|reason| {
-                        recorder.record(api.as_str(), 0, "credential", Duration::ZERO);
-                        unavailable(reason)
-                    })?;
-                let response = send(request).await?;
-                // A revoked or expired token: refresh once and retry once.
-                if response.status == StatusCode::UNAUTHORIZED
-                    && credential.rejected(&project_id, &used)
-                {
-                    tracing::info!(project = %project_id, credential = %credential.name, "upstream 401: retrying once with a fresh credential");
-                    let mut request = build()?;
-                    credential
-                        .authorize(&project_id, &mut request)
-                        .await
-                        .map_err(unavailable)?;
-                    return send(request).await;
-                }
-                Ok(response)
-            })
-        }
     }
 
     fn respond<B>(
@@ -368,6 +234,23 @@ impl Gateway {
         }
         *response.status_mut() = stored.status;
         response
+    }
+}
+
+/// What the fetch for `route` needs, owned, since it runs detached.
+fn fetch_request(
+    route: &Route,
+    project: &Project,
+    language: Option<&str>,
+    request_id: &str,
+) -> FetchRequest {
+    FetchRequest {
+        api: route.api,
+        url: format!("{}{}", project.base(route.api), route.upstream_path()),
+        project: project.id.clone(),
+        credential: project.credential.clone(),
+        language: language.map(str::to_string),
+        request_id: request_id.to_string(),
     }
 }
 

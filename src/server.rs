@@ -1,7 +1,7 @@
 //! Listening: accept connections (optionally over TLS), serve HTTP/1.1 and
 //! HTTP/2 on each (h2c by prior knowledge, h2 by ALPN), enforce the limits a
 //! public-facing server needs, and drain gracefully on shutdown. Shared by the
-//! gateway, its admin listener and the simulator.
+//! gateway, its admin listener and the simulator: each is a [`Handler`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,11 +18,24 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What a listener serves: one answer per request, never an error (errors
+/// are answers too).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+}
 
 /// Connection limits and timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +61,27 @@ impl Default for Limits {
     }
 }
 
+/// Why a certificate or key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: not a PEM certificate chain", path.display())]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{}: no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: not a PEM private key", path.display())]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("the certificate and key are not usable together")]
+    Rustls(#[source] tokio_rustls::rustls::Error),
+}
+
 /// TLS for a listener: cert and key files, re-read by [`Tls::reload`].
 pub struct Tls {
     cert_file: PathBuf,
@@ -55,8 +89,17 @@ pub struct Tls {
     acceptor: ArcSwap<TlsAcceptor>,
 }
 
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Tls {
-    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<Tls>, String> {
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<Tls>, TlsError> {
         let acceptor = acceptor(cert_file, key_file)?;
         Ok(Arc::new(Tls {
             cert_file: cert_file.to_path_buf(),
@@ -66,139 +109,157 @@ impl Tls {
     }
 
     /// Re-reads the files; new connections use them, open ones keep theirs.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let acceptor = acceptor(&self.cert_file, &self.key_file)?;
         self.acceptor.store(Arc::new(acceptor));
         Ok(())
     }
 }
 
-fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-    };
-    let certs = rustls_pemfile::certs(&mut &read(cert_file)?[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Certificate {
+            path: cert_file.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate", cert_file.display()));
+        return Err(TlsError::NoCertificate {
+            path: cert_file.to_path_buf(),
+        });
     }
-    let key = rustls_pemfile::private_key(&mut &read(key_file)?[..])
-        .map_err(|e| format!("{}: {e}", key_file.display()))?
-        .ok_or_else(|| format!("{}: no PEM private key", key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::Key {
+        path: key_file.to_path_buf(),
+        source,
+    })?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Rustls)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+        .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `handler` on `listener` with default limits and no TLS.
-pub async fn serve<H, Fut>(
-    listener: TcpListener,
-    handler: H,
-    shutdown: impl Future<Output = ()>,
-    drain: Duration,
-) where
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    serve_with(listener, None, Limits::default(), handler, shutdown, drain).await
-}
-
-/// Serves `handler` on `listener` until `shutdown` resolves, then stops
-/// accepting and gives open connections up to `drain` to finish.
-pub async fn serve_with<H, Fut>(
+/// A listener and how to serve it: `Server::new(listener).limits(..).serve(..)`.
+#[derive(Debug)]
+pub struct Server {
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     limits: Limits,
-    handler: H,
-    shutdown: impl Future<Output = ()>,
     drain: Duration,
-) where
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper's floor for the read buffer is 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // Each connection holds a sender; `recv` returns None once all are gone.
-    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    tokio::pin!(shutdown);
-    loop {
-        // Waiting for a slot before accepting leaves excess clients in the backlog.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-            () = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+}
+
+impl Server {
+    /// Default limits, no TLS, no drain time.
+    pub fn new(listener: TcpListener) -> Self {
+        Server {
+            listener,
+            tls: None,
+            limits: Limits::default(),
+            drain: Duration::ZERO,
+        }
+    }
+
+    pub fn tls(mut self, tls: Option<Arc<Tls>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How long open connections get to finish once shutdown begins.
+    pub fn drain(mut self, drain: Duration) -> Self {
+        self.drain = drain;
+        self
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, closes
+    /// connections gracefully and waits up to the drain time for them.
+    pub async fn serve<H: Handler>(self, handler: Arc<H>, shutdown: CancellationToken) {
+        let Server {
+            listener,
+            tls,
+            limits,
+            drain,
+        } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // hyper's floor for the read buffer is 8 KiB.
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        let builder = Arc::new(builder);
+        let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let connections = TaskTracker::new();
+        loop {
+            // Waiting for a slot before accepting leaves excess clients in the backlog.
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                () = shutdown.cancelled() => break,
+            };
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let handler = handler.clone();
+            let activity = Arc::new(Activity::new());
+            let tracked = activity.clone();
+            let service = service_fn(move |request| {
+                let busy = tracked.begin();
+                let handler = handler.clone();
+                async move {
+                    let response = handler.handle(request).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(response)
                 }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let activity = Arc::new(Activity::new());
-        let tracked = activity.clone();
-        let service = service_fn(move |request| {
-            let busy = tracked.begin();
-            let response = handler(request);
-            async move {
-                let response = response.await;
-                drop(busy);
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
-        let (stop, alive) = (stop_rx.clone(), alive_tx.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _alive = alive;
-            match tls {
-                None => connection(stream, &builder, service, &limits, &activity, stop).await,
-                Some(tls) => {
-                    let acceptor = tls.acceptor.load_full();
-                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(stream)) => {
-                            connection(stream, &builder, service, &limits, &activity, stop).await
+            });
+            let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
+            let stop = shutdown.clone();
+            connections.spawn(async move {
+                let _slot = slot;
+                match tls {
+                    None => connection(stream, &builder, service, &limits, &activity, stop).await,
+                    Some(tls) => {
+                        let acceptor = tls.acceptor.load_full();
+                        match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(stream)) => {
+                                connection(stream, &builder, service, &limits, &activity, stop).await
+                            }
+                            Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
-                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-            }
-        });
-    }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    drop(alive_tx);
-    tokio::select! {
-        _ = alive_rx.recv() => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(drain) => tracing::warn!(deadline = ?drain, "drain deadline passed; closing the rest"),
+            });
+        }
+        drop(listener);
+        connections.close();
+        tokio::select! {
+            () = connections.wait() => tracing::debug!("all connections drained"),
+            () = tokio::time::sleep(drain) => tracing::warn!(deadline = ?drain, "drain deadline passed; closing the rest"),
+        }
     }
 }
 
@@ -253,7 +314,7 @@ async fn connection<IO, S>(
     service: S,
     limits: &Limits,
     activity: &Activity,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -267,7 +328,7 @@ async fn connection<IO, S>(
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut check = tokio::time::interval(limits.idle_timeout.max(Duration::from_millis(20)) / 4);
-    let mut closing = *stop.borrow();
+    let mut closing = stop.is_cancelled();
     if closing {
         conn.as_mut().graceful_shutdown();
     }
@@ -279,7 +340,7 @@ async fn connection<IO, S>(
                 }
                 return;
             }
-            _ = stop.changed(), if !closing => {
+            () = stop.cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }

@@ -1,19 +1,48 @@
-//! The client toward Huawei Cloud: pooled keep-alive connections, TLS with
-//! certificate verification (webpki roots, so it works in a bare container),
-//! a connect timeout and one overall deadline per request.
+//! The HTTP client toward Huawei Cloud (the job APIs and IAM): pooled
+//! keep-alive connections, TLS with certificate verification (webpki roots, so
+//! it works in a bare container), a connect timeout and one overall deadline
+//! per exchange, and a bounded body read whole.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use bytesize::ByteSize;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
 
-use crate::config::UpstreamConfig;
-use crate::error::GatewayError;
-use crate::route::Api;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `[upstream]` in the config: how the client connects and how long it waits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// One deadline for the whole exchange: connect, send, headers, body.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// Largest answer body read; a larger one is an unusable answer.
+    pub max_body: ByteSize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 64,
+            max_body: ByteSize::mib(1),
+        }
+    }
+}
 
 /// An upstream answer, read whole: the cache classifies it by its body.
 #[derive(Debug, Clone)]
@@ -21,6 +50,18 @@ pub struct UpstreamResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// Why an exchange produced no answer. Displays without its cause; the cause
+/// chain is the `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("unreachable")]
+    Unreachable(#[source] BoxError),
+    #[error("sent an unusable answer")]
+    Invalid(#[source] BoxError),
+    #[error("did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
 }
 
 /// Shared by every request; cloning shares the connection pool.
@@ -58,40 +99,23 @@ impl Upstream {
         Upstream {
             client,
             request_timeout: config.request_timeout,
-            max_body: config.max_body,
+            max_body: usize::try_from(config.max_body.as_u64()).unwrap_or(usize::MAX),
         }
     }
 
     /// Sends `request` and reads the whole answer within the request timeout.
-    pub async fn send(
-        &self,
-        api: Api,
-        request: Request<Full<Bytes>>,
-    ) -> Result<UpstreamResponse, GatewayError> {
-        self.exchange(api.as_str(), request).await
-    }
-
-    /// Like [`Upstream::send`] for any service (`label` names it in errors).
-    pub async fn exchange(
-        &self,
-        label: &'static str,
-        request: Request<Full<Bytes>>,
-    ) -> Result<UpstreamResponse, GatewayError> {
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<UpstreamResponse, UpstreamError> {
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                GatewayError::UpstreamUnreachable {
-                    api: label,
-                    source: e.into(),
-                }
-            })?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| UpstreamError::Unreachable(e.into()))?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, self.max_body)
                 .collect()
                 .await
-                .map_err(|e| GatewayError::UpstreamInvalid {
-                    api: label,
-                    reason: format!("reading the body failed: {e}"),
-                })?
+                .map_err(UpstreamError::Invalid)?
                 .to_bytes();
             Ok(UpstreamResponse {
                 status: parts.status,
@@ -101,9 +125,6 @@ impl Upstream {
         };
         tokio::time::timeout(self.request_timeout, exchange)
             .await
-            .map_err(|_| GatewayError::UpstreamTimeout {
-                api: label,
-                timeout: self.request_timeout,
-            })?
+            .map_err(|_| UpstreamError::Timeout(self.request_timeout))?
     }
 }

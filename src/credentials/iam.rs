@@ -5,45 +5,72 @@
 //! the margin refreshes it while everyone else keeps using the current one. If
 //! IAM fails, the current token is used while it is valid and IAM is retried
 //! with exponential backoff, so a struggling IAM is not hammered.
+//!
+//! The HTTP client is passed in on each call rather than kept, so a reload
+//! that changes `[upstream]` and keeps this credential uses the new client.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::Full;
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::{Secret, SecretSource};
-use crate::upstream::Upstream;
+use super::{CredentialError, Origin, Secret, SecretSource};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Longest pause between IAM attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-#[derive(Debug)]
-pub struct IamPassword {
+/// An `iam-password` credential as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IamSpec {
     /// `scheme://authority` of IAM, no trailing slash.
     pub url: String,
     pub user: String,
     pub domain: String,
-    pub password: SecretSource,
+    pub password: Origin,
     /// Refresh this long before the token expires.
-    pub margin: Duration,
+    pub refresh_margin: Duration,
     /// First pause after a failed IAM call (doubling up to a minute).
     pub retry_backoff: Duration,
-    client: Upstream,
-    /// Tokens obtained so far (for metrics).
-    issued: AtomicU64,
-    /// std Mutex: only to find or add a project's slot.
+}
+
+/// Why IAM gave no token. Displays without its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum IamError {
+    #[error("IAM request failed")]
+    Exchange(#[source] UpstreamError),
+    #[error("IAM answered {status}: {message}")]
+    Refused { status: StatusCode, message: String },
+    #[error("IAM answered without X-Subject-Token")]
+    NoSubjectToken,
+    #[error("IAM answer has no valid token.expires_at")]
+    NoExpiry,
+    #[error("IAM issued a token that has already expired")]
+    AlreadyExpired,
+    #[error("no IAM token obtained yet")]
+    NotYet,
+}
+
+#[derive(Debug)]
+pub struct IamPassword {
+    spec: IamSpec,
+    password: SecretSource,
+    /// Tokens obtained so far (`pgw_credential_refreshes_total`).
+    issued: Counter,
+    /// Only to find or add a project's slot.
     slots: Mutex<HashMap<String, Arc<Slot>>>,
 }
 
 #[derive(Debug, Default)]
 struct Slot {
-    /// std Mutex: read or replaced, never held across an await.
+    /// Read or replaced, never held across an await.
     current: Mutex<Option<Issued>>,
     /// Held by the one request talking to IAM for this project.
     refresh: tokio::sync::Mutex<Backoff>,
@@ -60,53 +87,36 @@ struct Issued {
 struct Backoff {
     next_attempt: Option<Instant>,
     delay: Duration,
-    last_error: Option<String>,
+    last_error: Option<Arc<CredentialError>>,
 }
 
 impl IamPassword {
-    pub fn new(
-        url: String,
-        user: String,
-        domain: String,
-        password: SecretSource,
-        margin: Duration,
-        retry_backoff: Duration,
-        client: Upstream,
-    ) -> Self {
+    pub fn new(spec: IamSpec, issued: Counter) -> Self {
         IamPassword {
-            url,
-            user,
-            domain,
-            password,
-            margin,
-            retry_backoff,
-            client,
-            issued: AtomicU64::new(0),
+            password: SecretSource::new(spec.password.clone()),
+            spec,
+            issued,
             slots: Mutex::default(),
         }
-    }
-
-    pub fn issued(&self) -> u64 {
-        self.issued.load(Ordering::Relaxed)
     }
 
     fn slot(&self, project: &str) -> Arc<Slot> {
         self.slots
             .lock()
-            .unwrap()
             .entry(project.to_string())
             .or_default()
             .clone()
     }
 
     /// A valid token for `project`, refreshed first if it is near expiry.
-    pub async fn token(&self, project: &str) -> Result<Secret, String> {
+    pub async fn token(&self, project: &str, client: &Upstream) -> Result<Secret, CredentialError> {
         let slot = self.slot(project);
+        let margin = self.spec.refresh_margin;
         let now = Instant::now();
-        let current = slot.current.lock().unwrap().clone();
+        let current = slot.current.lock().clone();
         let valid = current.filter(|t| t.valid_until > now);
         if let Some(t) = &valid {
-            if t.valid_until > now + self.margin {
+            if t.valid_until > now + margin {
                 return Ok(t.token.clone());
             }
         }
@@ -120,32 +130,39 @@ impl IamPassword {
         };
         // Someone else may have refreshed while this request waited.
         let now = Instant::now();
-        if let Some(t) = slot.current.lock().unwrap().as_ref() {
-            if t.valid_until > now + self.margin {
+        if let Some(t) = slot.current.lock().as_ref() {
+            if t.valid_until > now + margin {
                 return Ok(t.token.clone());
             }
         }
         if backoff.next_attempt.is_some_and(|at| now < at) {
             return match valid {
                 Some(t) => Ok(t.token),
-                None => Err(backoff.last_error.clone().unwrap_or_default()),
+                None => Err(CredentialError::IamBackoff(
+                    backoff
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| Arc::new(CredentialError::Iam(IamError::NotYet))),
+                )),
             };
         }
-        match self.issue(project).await {
+        match self.issue(project, client).await {
             Ok(issued) => {
-                self.issued.fetch_add(1, Ordering::Relaxed);
-                *slot.current.lock().unwrap() = Some(issued.clone());
+                self.issued.inc();
+                *slot.current.lock() = Some(issued.clone());
                 *backoff = Backoff::default();
                 Ok(issued.token)
             }
             Err(error) => {
-                backoff.delay = (backoff.delay * 2).clamp(self.retry_backoff, MAX_BACKOFF);
+                backoff.delay = (backoff.delay * 2).clamp(self.spec.retry_backoff, MAX_BACKOFF);
                 backoff.next_attempt = Some(Instant::now() + backoff.delay);
+                let cause = std::error::Error::source(&error).map(ToString::to_string);
+                tracing::warn!(project, %error, ?cause, retry_in = ?backoff.delay, "IAM token refresh failed");
+                let error = Arc::new(error);
                 backoff.last_error = Some(error.clone());
-                tracing::warn!(project, %error, retry_in = ?backoff.delay, "IAM token refresh failed");
                 match valid {
                     Some(t) => Ok(t.token),
-                    None => Err(error),
+                    None => Err(CredentialError::IamBackoff(error)),
                 }
             }
         }
@@ -155,7 +172,7 @@ impl IamPassword {
     /// so the next [`IamPassword::token`] fetches a new one. True if forgotten.
     pub fn reject(&self, project: &str, rejected: &Secret) -> bool {
         let slot = self.slot(project);
-        let mut current = slot.current.lock().unwrap();
+        let mut current = slot.current.lock();
         if current
             .as_ref()
             .is_some_and(|t| t.token.expose() == rejected.expose())
@@ -168,12 +185,11 @@ impl IamPassword {
     }
 
     /// Why `project` has no valid token, if it has none.
-    pub fn unready(&self, project: &str) -> Option<String> {
+    pub fn unready(&self, project: &str) -> Option<CredentialError> {
         let slot = self.slot(project);
         let valid = slot
             .current
             .lock()
-            .unwrap()
             .as_ref()
             .is_some_and(|t| t.valid_until > Instant::now());
         if valid {
@@ -184,40 +200,43 @@ impl IamPassword {
             .try_lock()
             .ok()
             .and_then(|b| b.last_error.clone());
-        Some(reason.unwrap_or_else(|| "no IAM token obtained yet".into()))
+        Some(match reason {
+            Some(last) => CredentialError::IamBackoff(last),
+            None => CredentialError::Iam(IamError::NotYet),
+        })
     }
 
     /// One `POST /v3/auth/tokens` for a project-scoped token.
-    async fn issue(&self, project: &str) -> Result<Issued, String> {
+    async fn issue(&self, project: &str, client: &Upstream) -> Result<Issued, CredentialError> {
         let password = self.password.current()?;
+        let spec = &self.spec;
         let body = serde_json::json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {
-                "name": self.user, "password": password.expose(), "domain": {"name": self.domain}}}},
+                "name": spec.user, "password": password.expose(), "domain": {"name": spec.domain}}}},
             "scope": {"project": {"id": project}},
         }});
-        let request = Request::post(format!("{}/v3/auth/tokens?nocatalog=true", self.url))
+        let request = Request::post(format!("{}/v3/auth/tokens?nocatalog=true", spec.url))
             .header(header::CONTENT_TYPE, "application/json;charset=utf8")
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| format!("cannot build the IAM request: {e}"))?;
-        let response = self
-            .client
-            .exchange("iam", request)
+            .expect("a checked base URL and fixed headers make a valid request");
+        let iam = |e| CredentialError::Iam(e);
+        let response = client
+            .send(request)
             .await
-            .map_err(|e| e.message())?;
+            .map_err(|e| iam(IamError::Exchange(e)))?;
         if response.status != StatusCode::CREATED && response.status != StatusCode::OK {
-            return Err(format!(
-                "IAM answered {}: {}",
-                response.status,
-                iam_error(&response.body)
-            ));
+            return Err(iam(IamError::Refused {
+                status: response.status,
+                message: iam_error(&response.body),
+            }));
         }
         let token = response
             .headers
             .get("x-subject-token")
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
-            .ok_or("IAM answered without X-Subject-Token")?;
+            .ok_or(iam(IamError::NoSubjectToken))?;
         #[derive(Deserialize)]
         struct Answer {
             token: TokenBody,
@@ -226,13 +245,13 @@ impl IamPassword {
         struct TokenBody {
             expires_at: String,
         }
-        let answer: Answer = serde_json::from_slice(&response.body)
-            .map_err(|e| format!("IAM answer has no token.expires_at: {e}"))?;
+        let answer: Answer =
+            serde_json::from_slice(&response.body).map_err(|_| iam(IamError::NoExpiry))?;
         let expires_at = humantime::parse_rfc3339(&answer.token.expires_at)
-            .map_err(|e| format!("IAM token.expires_at is not a time: {e}"))?;
+            .map_err(|_| iam(IamError::NoExpiry))?;
         let lifetime = expires_at
             .duration_since(SystemTime::now())
-            .map_err(|_| "IAM issued a token that has already expired".to_string())?;
+            .map_err(|_| iam(IamError::AlreadyExpired))?;
         tracing::info!(project, expires_in = ?lifetime, "obtained an IAM token");
         Ok(Issued {
             token: Secret::new(token.to_string()),

@@ -1,171 +1,108 @@
-//! Upstream credentials: where each secret comes from, how it is put on an
-//! upstream request, and which principal it stands for (part of the cache key).
-//!
-//! Secrets are never in the config file itself, only the name of an environment
-//! variable or a file; they live in [`Secret`], which redacts `Debug` and zeroes
-//! its memory on drop.
+//! Upstream credentials: what each configured credential is ([`CredentialSpec`],
+//! plain data from the config), the running object that puts it on an upstream
+//! request ([`Credential`]), and the [`Registry`] that keeps those objects, with
+//! their IAM tokens and counters, across config reloads that leave them alone.
 
-use std::fmt;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request};
 use http_body_util::Full;
-use tokio::time::Instant;
+use parking_lot::Mutex;
 use zeroize::Zeroizing;
 
+use crate::metrics::{CredentialCounters, Metrics};
+use crate::upstream::Upstream;
+
 pub mod iam;
+pub mod secret;
 pub mod sign;
 
-/// A secret value. `Debug` never shows it; its memory is zeroed when dropped.
-#[derive(Clone)]
-pub struct Secret(Arc<Zeroizing<String>>);
+pub use iam::{IamError, IamSpec};
+pub use secret::{Origin, Secret, SecretSource};
 
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Secret(Arc::new(Zeroizing::new(value)))
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// As a header value flagged sensitive, so HTTP/2 never indexes it.
-    pub fn header_value(&self) -> Result<HeaderValue, String> {
-        let mut value = HeaderValue::from_str(self.expose())
-            .map_err(|_| "the secret is not a valid HTTP header value".to_string())?;
-        value.set_sensitive(true);
-        Ok(value)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// Where a secret is read from.
+/// A credential as the config describes it: where its secrets come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    Env(String),
-    File(PathBuf),
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Env(var) => write!(f, "environment variable {var}"),
-            Origin::File(path) => write!(f, "file {}", path.display()),
-        }
-    }
-}
-
-/// How often a secret file's size and mtime are checked for a rotation.
-const FILE_RECHECK: Duration = Duration::from_secs(1);
-
-/// A secret read from its origin; a file is re-read when it changes, so an
-/// outside agent can rotate it without a restart.
-#[derive(Debug)]
-pub struct SecretSource {
-    origin: Origin,
-    /// std Mutex: held for a stat or a small read, never across an await.
-    cached: Mutex<Option<Cached>>,
-}
-
-#[derive(Debug)]
-struct Cached {
-    secret: Secret,
-    stamp: Option<(SystemTime, u64)>,
-    checked_at: Instant,
-}
-
-impl SecretSource {
-    pub fn new(origin: Origin) -> Self {
-        SecretSource {
-            origin,
-            cached: Mutex::new(None),
-        }
-    }
-
-    /// The current secret, or why there is none (never the secret itself).
-    pub fn current(&self) -> Result<Secret, String> {
-        let mut cached = self.cached.lock().unwrap();
-        let now = Instant::now();
-        if let Some(c) = cached.as_ref() {
-            if c.stamp.is_none() || now.duration_since(c.checked_at) < FILE_RECHECK {
-                return Ok(c.secret.clone());
-            }
-        }
-        let stamp = match &self.origin {
-            Origin::Env(_) => None,
-            Origin::File(path) => {
-                let meta = std::fs::metadata(path)
-                    .map_err(|e| format!("cannot read {}: {e}", self.origin))?;
-                Some((
-                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    meta.len(),
-                ))
-            }
-        };
-        if let Some(c) = cached.as_mut() {
-            if c.stamp == stamp {
-                c.checked_at = now;
-                return Ok(c.secret.clone());
-            }
-        }
-        let secret = self.read()?;
-        *cached = Some(Cached {
-            secret: secret.clone(),
-            stamp,
-            checked_at: now,
-        });
-        Ok(secret)
-    }
-
-    fn read(&self) -> Result<Secret, String> {
-        let raw = match &self.origin {
-            Origin::Env(var) => {
-                std::env::var(var).map_err(|_| format!("{} is not set", self.origin))?
-            }
-            Origin::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", self.origin))?,
-        };
-        let raw = Zeroizing::new(raw);
-        let value = raw.trim();
-        if value.is_empty() {
-            return Err(format!("{} is empty", self.origin));
-        }
-        Ok(Secret::new(value.to_string()))
-    }
-}
-
-/// How a credential authenticates upstream requests.
-#[derive(Debug)]
-pub enum Method {
+pub enum CredentialSpec {
     /// A static IAM token sent as `X-Auth-Token`.
-    Token(SecretSource),
+    Token(Origin),
     /// AK/SK request signing (`SDK-HMAC-SHA256`).
-    AkSk(AkSk),
+    AkSk(AkSkSpec),
     /// Project-scoped IAM tokens obtained with a password and refreshed.
-    IamPassword(Box<iam::IamPassword>),
+    IamPassword(IamSpec),
 }
 
 /// Where an AK/SK pair (and an optional security token) come from.
-#[derive(Debug)]
-pub enum AkSk {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AkSkSpec {
     /// Permanent keys, each from its own source.
+    Keys {
+        ak: Origin,
+        sk: Origin,
+        security_token: Option<Origin>,
+    },
+    /// Temporary keys in one JSON file as IAM issues them
+    /// (`{"credential": {"access", "secret", "securitytoken", "expires_at"}}`),
+    /// re-read when it changes.
+    File(PathBuf),
+}
+
+/// Why a credential cannot authenticate a request now. Never holds a secret;
+/// displays without its cause, which is the `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{origin} is not set")]
+    NotSet { origin: Origin },
+    #[error("cannot read {origin}")]
+    Read {
+        origin: Origin,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin} is empty")]
+    Empty { origin: Origin },
+    #[error("the secret is not a valid HTTP header value")]
+    NotHeaderValue,
+    /// serde's message could quote the file, so only the expected shape is named.
+    #[error("the credentials file is not {{\"credential\": {{\"access\", \"secret\", ...}}}} JSON")]
+    CredentialsFile,
+    #[error("expires_at {0:?} is not an RFC 3339 time")]
+    BadExpiry(String),
+    #[error("the temporary credentials expired at {0}")]
+    Expired(String),
+    #[error("the upstream URL has no host")]
+    NoHost,
+    #[error("a header to sign is not valid text")]
+    Unsignable,
+    #[error("no IAM token")]
+    Iam(#[source] IamError),
+    /// IAM failed recently and is not asked again until its backoff ends.
+    #[error("no IAM token; IAM is retried after a pause")]
+    IamBackoff(#[source] Arc<CredentialError>),
+}
+
+/// What authenticated one request, kept to report a 401 against.
+#[derive(Debug)]
+pub struct Used(Option<Secret>);
+
+/// How a credential authenticates, with its secret sources open.
+#[derive(Debug)]
+enum Method {
+    Token(SecretSource),
+    AkSk(AkSk),
+    IamPassword(Box<iam::IamPassword>),
+}
+
+#[derive(Debug)]
+enum AkSk {
     Keys {
         ak: SecretSource,
         sk: SecretSource,
         security_token: Option<SecretSource>,
     },
-    /// Temporary keys in one JSON file as IAM issues them
-    /// (`{"credential": {"access", "secret", "securitytoken", "expires_at"}}`),
-    /// re-read when it changes.
     File(SecretSource),
 }
 
@@ -177,7 +114,7 @@ struct Keys {
 }
 
 impl AkSk {
-    fn keys(&self) -> Result<Keys, String> {
+    fn keys(&self) -> Result<Keys, CredentialError> {
         match self {
             AkSk::Keys {
                 ak,
@@ -207,14 +144,12 @@ impl AkSk {
                 let parsed: Temporary = serde_json::from_str::<Wrapped>(text.expose())
                     .map(|w| w.credential)
                     .or_else(|_| serde_json::from_str::<Temporary>(text.expose()))
-                    // serde's message could quote the file; name only the problem.
-                    .map_err(|_| "the credentials file is not {\"credential\": {\"access\", \"secret\", ...}} JSON".to_string())?;
+                    .map_err(|_| CredentialError::CredentialsFile)?;
                 if let Some(expires_at) = &parsed.expires_at {
-                    let at = humantime::parse_rfc3339(expires_at).map_err(|_| {
-                        format!("expires_at {expires_at:?} is not an RFC 3339 time")
-                    })?;
+                    let at = humantime::parse_rfc3339(expires_at)
+                        .map_err(|_| CredentialError::BadExpiry(expires_at.clone()))?;
                     if at <= SystemTime::now() {
-                        return Err(format!("the temporary credentials expired at {expires_at}"));
+                        return Err(CredentialError::Expired(expires_at.clone()));
                     }
                 }
                 Ok(Keys {
@@ -227,48 +162,62 @@ impl AkSk {
     }
 }
 
-/// Largest clock skew Huawei accepts on `X-Sdk-Date`.
-pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
-
-/// What authenticated one request, kept to report a 401 against.
-#[derive(Debug)]
-pub struct Used(Option<Secret>);
-
 /// One named credential from the config; several projects may share it.
 #[derive(Debug)]
 pub struct Credential {
     pub name: String,
+    spec: CredentialSpec,
     /// The principal, for the cache key: stable across token refreshes.
     identity: Arc<str>,
     method: Method,
-    /// Requests that found no usable credential (for metrics).
-    failures: AtomicU64,
+    counters: CredentialCounters,
 }
 
 impl Credential {
-    pub fn new(name: &str, method: Method) -> Self {
-        // Permanent AK/SK: the AK names the principal. Tokens and temporary
-        // keys rotate, so the configured name stands for their principal.
-        let identity = match &method {
-            Method::Token(_) => format!("token:{name}"),
-            Method::AkSk(AkSk::Keys { .. }) | Method::AkSk(AkSk::File(_)) => format!("aksk:{name}"),
-            Method::IamPassword(iam) => format!("iam:{}@{}", iam.user, iam.domain),
+    pub fn new(name: &str, spec: CredentialSpec, counters: CredentialCounters) -> Self {
+        // Tokens and keys rotate, so the configured name stands for their
+        // principal; an IAM user is its own.
+        let (identity, method) = match &spec {
+            CredentialSpec::Token(origin) => (
+                format!("token:{name}"),
+                Method::Token(SecretSource::new(origin.clone())),
+            ),
+            CredentialSpec::AkSk(aksk) => (
+                format!("aksk:{name}"),
+                Method::AkSk(match aksk {
+                    AkSkSpec::Keys {
+                        ak,
+                        sk,
+                        security_token,
+                    } => AkSk::Keys {
+                        ak: SecretSource::new(ak.clone()),
+                        sk: SecretSource::new(sk.clone()),
+                        security_token: security_token.clone().map(SecretSource::new),
+                    },
+                    AkSkSpec::File(path) => {
+                        AkSk::File(SecretSource::new(Origin::File(path.clone())))
+                    }
+                }),
+            ),
+            CredentialSpec::IamPassword(iam) => (
+                format!("iam:{}@{}", iam.user, iam.domain),
+                Method::IamPassword(Box::new(iam::IamPassword::new(
+                    iam.clone(),
+                    counters.refreshes.clone(),
+                ))),
+            ),
         };
         Credential {
             name: name.to_string(),
+            spec,
             identity: identity.into(),
             method,
-            failures: AtomicU64::new(0),
+            counters,
         }
     }
 
-    /// Credentials obtained (IAM tokens issued) and requests left without one.
-    pub fn stats(&self) -> (u64, u64) {
-        let refreshes = match &self.method {
-            Method::IamPassword(iam) => iam.issued(),
-            _ => 0,
-        };
-        (refreshes, self.failures.load(Ordering::Relaxed))
+    pub fn spec(&self) -> &CredentialSpec {
+        &self.spec
     }
 
     pub fn identity(&self) -> &Arc<str> {
@@ -276,57 +225,58 @@ impl Credential {
     }
 
     pub fn kind(&self) -> &'static str {
-        match self.method {
-            Method::Token(_) => "token",
-            Method::AkSk(_) => "aksk",
-            Method::IamPassword(_) => "iam-password",
-        }
+        kind(&self.spec)
     }
 
     /// Why the credential cannot be used for `project` now, if it cannot.
-    pub fn unready(&self, project: &str) -> Option<String> {
+    pub fn unready(&self, project: &str) -> Option<CredentialError> {
         match &self.method {
-            Method::Token(source) => source.current().err(),
+            Method::Token(source) => source.current().and_then(|t| t.header_value()).err(),
             Method::AkSk(aksk) => aksk.keys().err(),
             Method::IamPassword(iam) => iam.unready(project),
         }
     }
 
     /// Obtains what the credential needs ahead of the first request (an IAM token).
-    pub async fn prepare(&self, project: &str) -> Result<(), String> {
+    pub async fn prepare(&self, project: &str, client: &Upstream) -> Result<(), CredentialError> {
         match &self.method {
-            Method::IamPassword(iam) => iam.token(project).await.map(drop),
+            Method::IamPassword(iam) => iam.token(project, client).await.map(drop),
             _ => self.unready(project).map_or(Ok(()), Err),
         }
     }
 
-    /// Authenticates an upstream request for `project` whose other headers are final.
+    /// Authenticates an upstream request for `project` whose other headers
+    /// are final. A failure is counted as `pgw_credential_failures_total`.
     pub async fn authorize(
         &self,
         project: &str,
         request: &mut Request<Full<Bytes>>,
-    ) -> Result<Used, String> {
-        match &self.method {
-            Method::Token(source) => {
-                let token = source.current()?;
-                request
-                    .headers_mut()
-                    .insert("x-auth-token", token.header_value()?);
-                Ok(Used(None))
-            }
-            Method::IamPassword(iam) => {
-                let token = iam.token(project).await?;
-                request
-                    .headers_mut()
-                    .insert("x-auth-token", token.header_value()?);
-                Ok(Used(Some(token)))
-            }
-            Method::AkSk(aksk) => {
-                let keys = aksk.keys()?;
-                sign_request(request, &keys)?;
-                Ok(Used(None))
-            }
+        client: &Upstream,
+    ) -> Result<Used, CredentialError> {
+        let result = match &self.method {
+            Method::Token(source) => source
+                .current()
+                .and_then(|token| token.header_value())
+                .map(|value| {
+                    request.headers_mut().insert("x-auth-token", value);
+                    Used(None)
+                }),
+            Method::IamPassword(iam) => match iam.token(project, client).await {
+                Ok(token) => token.header_value().map(|value| {
+                    request.headers_mut().insert("x-auth-token", value);
+                    Used(Some(token))
+                }),
+                Err(error) => Err(error),
+            },
+            Method::AkSk(aksk) => aksk
+                .keys()
+                .and_then(|keys| sign_request(request, &keys))
+                .map(|()| Used(None)),
+        };
+        if result.is_err() {
+            self.counters.failures.inc();
         }
+        result
     }
 
     /// Upstream answered 401 to a request authenticated with `used`: true if a
@@ -339,18 +289,70 @@ impl Credential {
     }
 }
 
+/// `kind` as written in the config.
+pub fn kind(spec: &CredentialSpec) -> &'static str {
+    match spec {
+        CredentialSpec::Token(_) => "token",
+        CredentialSpec::AkSk(_) => "aksk",
+        CredentialSpec::IamPassword(_) => "iam-password",
+    }
+}
+
+/// The running credentials by name. A reload keeps every credential whose
+/// name and specification did not change, so its IAM token (still valid while
+/// IAM may be down) and its counters survive; changed ones are built anew.
+#[derive(Debug)]
+pub struct Registry {
+    metrics: Arc<Metrics>,
+    /// Only swapped on start and reload.
+    current: Mutex<BTreeMap<String, Arc<Credential>>>,
+}
+
+impl Registry {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Registry {
+            metrics,
+            current: Mutex::default(),
+        }
+    }
+
+    /// The credentials for `specs`, reusing those that are unchanged.
+    pub fn update(
+        &self,
+        specs: &BTreeMap<String, CredentialSpec>,
+    ) -> BTreeMap<String, Arc<Credential>> {
+        let mut current = self.current.lock();
+        let next: BTreeMap<_, _> = specs
+            .iter()
+            .map(|(name, spec)| {
+                let credential = match current.get(name) {
+                    Some(kept) if kept.spec() == spec => kept.clone(),
+                    _ => Arc::new(Credential::new(
+                        name,
+                        spec.clone(),
+                        self.metrics.credential(name, kind(spec)),
+                    )),
+                };
+                (name.clone(), credential)
+            })
+            .collect();
+        *current = next.clone();
+        next
+    }
+}
+
 /// Adds Host, X-Sdk-Date and X-Security-Token, then the signature over them.
-fn sign_request(request: &mut Request<Full<Bytes>>, keys: &Keys) -> Result<(), String> {
+fn sign_request(request: &mut Request<Full<Bytes>>, keys: &Keys) -> Result<(), CredentialError> {
     let host = request
         .uri()
         .authority()
-        .ok_or("the upstream URL has no host")?
+        .ok_or(CredentialError::NoHost)?
         .as_str()
         .to_string();
     let headers = request.headers_mut();
     headers.insert(
         http::header::HOST,
-        HeaderValue::from_str(&host).map_err(|e| e.to_string())?,
+        HeaderValue::from_str(&host).map_err(|_| CredentialError::NoHost)?,
     );
     let date = sign::sdk_date(SystemTime::now());
     headers.insert("x-sdk-date", HeaderValue::from_str(&date).expect("digits"));
@@ -367,9 +369,8 @@ fn sign_request(request: &mut Request<Full<Bytes>>, keys: &Keys) -> Result<(), S
         request.headers(),
         b"",
     )
-    .ok_or("a header to sign is not valid text")?;
-    let mut value = HeaderValue::from_str(&value)
-        .map_err(|_| "the AK is not a valid header value".to_string())?;
+    .ok_or(CredentialError::Unsignable)?;
+    let mut value = HeaderValue::from_str(&value).map_err(|_| CredentialError::NotHeaderValue)?;
     value.set_sensitive(true);
     request
         .headers_mut()
@@ -381,40 +382,35 @@ fn sign_request(request: &mut Request<Full<Bytes>>, keys: &Keys) -> Result<(), S
 mod tests {
     use super::*;
 
-    #[test]
-    fn secret_debug_is_redacted() {
-        let s = Secret::new("super-secret-token".into());
-        assert!(!format!("{s:?}").contains("super-secret"));
-        let source = SecretSource::new(Origin::Env("PGW_TEST_NEVER_SET_VAR".into()));
-        let err = source.current().unwrap_err();
-        assert!(err.contains("PGW_TEST_NEVER_SET_VAR is not set"), "{err}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_rotated_token_file_is_picked_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "first\n").unwrap();
-        let source = SecretSource::new(Origin::File(path.clone()));
-        assert_eq!(source.current().unwrap().expose(), "first");
-        // A different length changes the stamp even where mtime granularity is coarse.
-        std::fs::write(&path, "second-token").unwrap();
-        assert_eq!(
-            source.current().unwrap().expose(),
-            "first",
-            "rechecked at most once a second"
-        );
-        tokio::time::advance(FILE_RECHECK).await;
-        assert_eq!(source.current().unwrap().expose(), "second-token");
+    fn token(var: &str) -> CredentialSpec {
+        CredentialSpec::Token(Origin::Env(var.into()))
     }
 
     #[test]
-    fn an_empty_or_missing_file_is_a_reason_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        let source = SecretSource::new(Origin::File(path.clone()));
-        assert!(source.current().unwrap_err().contains("cannot read file"));
-        std::fs::write(&path, "  \n").unwrap();
-        assert!(source.current().unwrap_err().contains("is empty"));
+    fn a_reload_keeps_unchanged_credentials_and_rebuilds_changed_ones() {
+        let registry = Registry::new(Arc::new(Metrics::new()));
+        let specs = BTreeMap::from([("a".to_string(), token("A")), ("b".to_string(), token("B"))]);
+        let first = registry.update(&specs);
+        let changed = BTreeMap::from([("a".to_string(), token("A")), ("b".to_string(), token("B2"))]);
+        let second = registry.update(&changed);
+        assert!(Arc::ptr_eq(&first["a"], &second["a"]), "unchanged: kept");
+        assert!(!Arc::ptr_eq(&first["b"], &second["b"]), "changed: rebuilt");
+        let gone = registry.update(&BTreeMap::new());
+        assert!(gone.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_authorization_is_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::new(metrics.clone());
+        let specs = BTreeMap::from([("main".to_string(), token("PGW_TEST_NEVER_SET_VAR"))]);
+        let credential = registry.update(&specs)["main"].clone();
+        let client = Upstream::new(&Default::default());
+        let mut request = Request::new(Full::new(Bytes::new()));
+        let error = credential.authorize("p", &mut request, &client).await.unwrap_err();
+        assert!(matches!(error, CredentialError::NotSet { .. }), "{error}");
+        assert!(metrics
+            .encode()
+            .contains(r#"pgw_credential_failures_total{credential="main",kind="token"} 1"#));
     }
 }

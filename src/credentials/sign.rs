@@ -2,7 +2,9 @@
 //! signer computes it; pure functions over a request's parts, used by the
 //! `aksk` credential to sign and by the simulator to verify.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
+#[cfg(feature = "tools")]
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
@@ -25,7 +27,12 @@ pub fn sdk_date(at: SystemTime) -> String {
         .replace(['-', ':'], "")
 }
 
-/// Parses an `X-Sdk-Date` back into a time.
+/// Largest clock skew Huawei accepts on `X-Sdk-Date`.
+#[cfg(feature = "tools")]
+pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
+
+/// Parses an `X-Sdk-Date` back into a time (the simulator's verifier).
+#[cfg(feature = "tools")]
 pub fn parse_sdk_date(value: &str) -> Option<SystemTime> {
     let b = value.as_bytes();
     if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
@@ -44,6 +51,7 @@ pub fn parse_sdk_date(value: &str) -> Option<SystemTime> {
 }
 
 /// Whether `date` is within `skew` of `now` either way.
+#[cfg(feature = "tools")]
 pub fn date_within(date: SystemTime, now: SystemTime, skew: Duration) -> bool {
     let diff = now.duration_since(date).unwrap_or_else(|e| e.duration());
     diff <= skew
@@ -152,7 +160,9 @@ pub fn authorization(
     ))
 }
 
-/// An `Authorization: SDK-HMAC-SHA256 ...` header taken apart.
+/// An `Authorization: SDK-HMAC-SHA256 ...` header taken apart (the
+/// simulator's verifier).
+#[cfg(feature = "tools")]
 #[derive(Debug, PartialEq, Eq)]
 pub struct ParsedAuthorization {
     pub access: String,
@@ -160,6 +170,7 @@ pub struct ParsedAuthorization {
     pub signature: String,
 }
 
+#[cfg(feature = "tools")]
 pub fn parse_authorization(value: &str) -> Option<ParsedAuthorization> {
     let rest = value.strip_prefix(ALGORITHM)?.trim_start();
     let (mut access, mut signed, mut signature) = (None, None, None);
@@ -179,7 +190,7 @@ pub fn parse_authorization(value: &str) -> Option<ParsedAuthorization> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "tools"))]
 mod tests {
     use super::*;
     use http::HeaderValue;

@@ -30,6 +30,9 @@ use tokio::time::Instant;
 use subtle::ConstantTimeEq;
 
 use crate::credentials::sign;
+use crate::server::{Handler, Server};
+use std::net::SocketAddr;
+use tokio_util::sync::CancellationToken;
 use crate::route::{self, Api};
 
 /// How the simulator answers; changeable at run time.
@@ -84,6 +87,12 @@ pub struct IamUser {
     pub token_lifetime: Duration,
 }
 
+impl Handler for Simulator {
+    async fn handle(&self, request: Request<hyper::body::Incoming>) -> SimResponse {
+        self.answer(request).await
+    }
+}
+
 /// Cloning shares the simulator's state.
 #[derive(Clone)]
 pub struct Simulator {
@@ -127,17 +136,33 @@ impl Simulator {
     pub async fn spawn(&self, addr: &str) -> std::io::Result<std::net::SocketAddr> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
-        let sim = self.clone();
-        tokio::spawn(crate::server::serve(
-            listener,
-            move |request| {
-                let sim = sim.clone();
-                async move { sim.handle(request).await }
-            },
-            std::future::pending(),
-            Duration::ZERO,
-        ));
+        let sim = Arc::new(self.clone());
+        tokio::spawn(Server::new(listener).serve(sim, CancellationToken::new()));
         Ok(bound)
+    }
+
+    /// `progress-gateway simulate`: serves on `addr` until SIGTERM or SIGINT,
+    /// announcing the bound address on stdout (for scripts that bind port 0).
+    pub async fn run(self, addr: SocketAddr) -> Result<(), crate::app::AppError> {
+        use crate::app::AppError;
+        let mut signals = crate::signal::Signals::install().map_err(AppError::Signals)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { addr, source })?;
+        println!(
+            "simulator listening on http://{}",
+            listener.local_addr().expect("bound")
+        );
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(
+            Server::new(listener)
+                .drain(Duration::from_secs(1))
+                .serve(Arc::new(self), shutdown.clone()),
+        );
+        while signals.next().await != crate::signal::Signal::Stop {}
+        shutdown.cancel();
+        let _ = serving.await;
+        Ok(())
     }
 
     pub fn set_behaviour(&self, change: impl FnOnce(&mut Behaviour)) {
@@ -183,7 +208,7 @@ impl Simulator {
         self.inner.last_headers.lock().unwrap().get(path).cloned()
     }
 
-    pub async fn handle<B>(&self, request: Request<B>) -> SimResponse
+    pub async fn answer<B>(&self, request: Request<B>) -> SimResponse
     where
         B: hyper::body::Body,
     {
@@ -358,7 +383,7 @@ impl Simulator {
             .and_then(|v| v.to_str().ok())
             .and_then(sign::parse_sdk_date)
             .ok_or("missing or malformed X-Sdk-Date")?;
-        if !sign::date_within(date, SystemTime::now(), crate::credentials::MAX_SKEW) {
+        if !sign::date_within(date, SystemTime::now(), sign::MAX_SKEW) {
             return Err("X-Sdk-Date is more than 15 minutes off");
         }
         if !parsed.signed_headers.iter().any(|h| h == "host") {
@@ -504,7 +529,7 @@ mod tests {
             .header("x-auth-token", token)
             .body(Empty::<Bytes>::new())
             .unwrap();
-        let response = sim.handle(request).await;
+        let response = sim.answer(request).await;
         let status = response.status();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&body).unwrap())

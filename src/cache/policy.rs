@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use bytesize::ByteSize;
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
@@ -46,47 +47,45 @@ impl CacheStatus {
     }
 }
 
-/// Status values that end a job, per API, compared case-insensitively.
-#[derive(Debug, Clone)]
-pub struct TerminalSets {
-    pub drs: Vec<String>,
-    pub roma: Vec<String>,
+fn owned(values: &[&str]) -> Vec<String> {
+    values.iter().map(|s| s.to_string()).collect()
 }
 
-impl Default for TerminalSets {
-    fn default() -> Self {
-        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
-        TerminalSets {
-            // Sibling DRS v5 async APIs answer pending / success / failed.
-            drs: owned(&["success", "succeeded", "failed", "failure", "fail", "error"]),
-            // The SDK documents SUCCEEDED/FAILED; older region docs Success/Finished.
-            roma: owned(&["succeeded", "success", "failed", "finished"]),
-        }
-    }
-}
-
-/// Freshness and storage settings, checked from `[cache]` in the config.
-#[derive(Debug, Clone)]
+/// Freshness and storage settings: `[cache]` in the config, checked there,
+/// swapped whole on a reload. Defaults live here and only here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CachePolicy {
     /// How long a running job's answer is served without asking upstream.
+    #[serde(with = "humantime_serde")]
     pub running_ttl: Duration,
     /// How long a 404 is remembered.
+    #[serde(with = "humantime_serde")]
     pub not_found_ttl: Duration,
     /// After freshness ends, serve the old answer at once while one refresh runs.
+    #[serde(with = "humantime_serde")]
     pub stale_while_revalidate: Duration,
     /// After freshness ends, serve the old answer when upstream fails or throttles.
+    #[serde(with = "humantime_serde")]
     pub stale_if_error: Duration,
     /// Longest a request waits for a shared upstream fetch.
+    #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
     /// Backoff after a 429 that names no `Retry-After`.
+    #[serde(with = "humantime_serde")]
     pub retry_after_default: Duration,
     /// Upper bound on any backoff, whatever upstream asks for.
+    #[serde(with = "humantime_serde")]
     pub retry_after_max: Duration,
     /// Drop a terminal answer nobody asked for in this long (None: only capacity evicts).
+    #[serde(with = "humantime_serde")]
     pub terminal_idle: Option<Duration>,
-    /// Memory budget for stored answers, in bytes.
-    pub max_bytes: u64,
-    pub terminal: TerminalSets,
+    /// Memory budget for stored answers.
+    pub max_bytes: ByteSize,
+    /// DRS `process_status` values that end a job, compared case-insensitively.
+    pub drs_terminal: Vec<String>,
+    /// ROMA `status` values that end a job, compared case-insensitively.
+    pub roma_terminal: Vec<String>,
 }
 
 impl Default for CachePolicy {
@@ -100,14 +99,27 @@ impl Default for CachePolicy {
             retry_after_default: Duration::from_secs(5),
             retry_after_max: Duration::from_secs(300),
             terminal_idle: None,
-            max_bytes: 256 * 1024 * 1024,
-            terminal: TerminalSets::default(),
+            max_bytes: ByteSize::mib(256),
+            // Sibling DRS v5 async APIs answer pending / success / failed.
+            drs_terminal: owned(&["success", "succeeded", "failed", "failure", "fail", "error"]),
+            // The SDK documents SUCCEEDED/FAILED; older region docs Success/Finished.
+            roma_terminal: owned(&["succeeded", "success", "failed", "finished"]),
+        }
+    }
+}
+
+impl CachePolicy {
+    /// The status values that end a job of `api`.
+    pub fn terminal(&self, api: Api) -> &[String] {
+        match api {
+            Api::Drs => &self.drs_terminal,
+            Api::Roma => &self.roma_terminal,
         }
     }
 }
 
 /// Classifies an upstream answer by its status code and, for 200, its JSON body.
-pub fn classify(api: Api, status: StatusCode, body: &[u8], sets: &TerminalSets) -> Class {
+pub fn classify(api: Api, status: StatusCode, body: &[u8], terminal: &[String]) -> Class {
     match status {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => return Class::NotFound,
@@ -124,12 +136,12 @@ pub fn classify(api: Api, status: StatusCode, body: &[u8], sets: &TerminalSets) 
     let Ok(progress) = serde_json::from_slice::<Progress>(body) else {
         return Class::Running;
     };
-    let (value, set) = match api {
-        Api::Drs => (progress.process_status, &sets.drs),
-        Api::Roma => (progress.status, &sets.roma),
+    let value = match api {
+        Api::Drs => progress.process_status,
+        Api::Roma => progress.status,
     };
     match value {
-        Some(v) if set.iter().any(|t| t.eq_ignore_ascii_case(v.trim())) => Class::Terminal,
+        Some(v) if terminal.iter().any(|t| t.eq_ignore_ascii_case(v.trim())) => Class::Terminal,
         _ => Class::Running,
     }
 }
@@ -220,7 +232,7 @@ mod tests {
             api,
             StatusCode::from_u16(status).unwrap(),
             body.as_bytes(),
-            &TerminalSets::default(),
+            CachePolicy::default().terminal(api),
         )
     }
 
@@ -298,21 +310,18 @@ mod tests {
 
     #[test]
     fn custom_terminal_sets_apply() {
-        let sets = TerminalSets {
-            drs: vec!["done".into()],
-            roma: vec![],
-        };
+        let drs = ["done".to_string()];
         let ok = StatusCode::OK;
         assert_eq!(
-            classify(Api::Drs, ok, br#"{"process_status":"Done"}"#, &sets),
+            classify(Api::Drs, ok, br#"{"process_status":"Done"}"#, &drs),
             Class::Terminal
         );
         assert_eq!(
-            classify(Api::Drs, ok, br#"{"process_status":"success"}"#, &sets),
+            classify(Api::Drs, ok, br#"{"process_status":"success"}"#, &drs),
             Class::Running
         );
         assert_eq!(
-            classify(Api::Roma, ok, br#"{"status":"SUCCEEDED"}"#, &sets),
+            classify(Api::Roma, ok, br#"{"status":"SUCCEEDED"}"#, &[]),
             Class::Running
         );
     }

@@ -14,14 +14,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::config::Config;
-use crate::proxy::Gateway;
-use crate::simulator::{Behaviour, SimAuth, Simulator};
-
-const PROJECT: &str = "0123456789abcdef0123456789abcdef";
+use super::simulator::{Behaviour, SimAuth, Simulator};
+use super::{SimFront, PROJECT};
+use crate::app::App;
 const TOKEN: &str = "demo-token";
 
 #[derive(Debug, Clone)]
@@ -70,23 +67,25 @@ pub async fn run(options: Options) -> Result<(), String> {
         },
     );
     let sim_addr = sim.spawn("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let token_file = std::env::temp_dir().join(format!(
-        "progress-gateway-demo-{}.token",
-        std::process::id()
-    ));
+    // A temporary directory, removed when the demo ends.
+    let dir = TempDir::new()?;
+    let token_file = dir.0.join("token");
     std::fs::write(&token_file, TOKEN)
         .map_err(|e| format!("cannot write {}: {e}", token_file.display()))?;
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\n[cache]\nrunning_ttl = \"{}ms\"\n[regions.sim]\ndrs = \"http://{sim_addr}\"\nroma = \"http://{sim_addr}\"\n[credentials.demo]\nkind = \"token\"\ntoken_file = \"{}\"\n[[projects]]\nid = \"{PROJECT}\"\nregion = \"sim\"\ncredential = \"demo\"\n",
-        options.ttl.as_millis(),
-        token_file.display()
-    );
-    let gateway = Gateway::new(Config::parse(&text).map_err(|e| e.to_string())?);
-    let listener = TcpListener::bind("127.0.0.1:0")
+    let config = SimFront::new(sim_addr, &token_file)
+        .admin("")
+        .section(&format!(
+            "[cache]\nrunning_ttl = \"{}ms\"",
+            options.ttl.as_millis()
+        ))
+        .config()
+        .map_err(|e| e.to_string())?;
+    let running = App::new(config)
+        .map_err(|e| e.to_string())?
+        .bind()
         .await
         .map_err(|e| e.to_string())?;
-    let gateway_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    gateway.spawn(listener);
+    let gateway_addr = running.proxy;
 
     let jobs: Arc<Vec<Job>> = Arc::new(
         (0..options.jobs)
@@ -210,7 +209,6 @@ pub async fn run(options: Options) -> Result<(), String> {
         let _ = poller.await;
     }
     live.finish();
-    let _ = std::fs::remove_file(&token_file);
     summary(&jobs, &tally, &sim, started.elapsed());
     Ok(())
 }
@@ -366,4 +364,26 @@ fn summary(jobs: &[Job], tally: &Tally, sim: &Simulator, elapsed: Duration) {
         "\n  {free} of {} finished jobs cost no upstream request after their terminal answer.",
         jobs.len()
     );
+}
+
+/// A directory under the system's temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self, String> {
+        let path = std::env::temp_dir().join(format!(
+            "progress-gateway-demo-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

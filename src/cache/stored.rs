@@ -1,0 +1,157 @@
+//! A stored answer: an upstream response copied into one compact allocation.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use super::policy::Class;
+use crate::upstream::UpstreamResponse;
+
+/// An upstream answer as kept and served. Everything variable lives in one
+/// allocation copied from the upstream response: the body, then the ETag,
+/// Content-Type and X-Request-Id values. Copying means a stored answer never
+/// pins hyper's connection buffer, and one allocation keeps entries small.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    data: Bytes,
+    body_len: u32,
+    etag_len: u8,
+    content_type_len: u8,
+    request_id_len: u8,
+    pub status: StatusCode,
+    pub class: Class,
+    /// `Retry-After` seconds, set on a 429 passed to the client (0: none).
+    retry_after: u32,
+    pub stored_at: Instant,
+}
+
+impl Stored {
+    pub fn new(response: &UpstreamResponse, class: Class, stored_at: Instant) -> Self {
+        let digest = Sha256::digest(&response.body);
+        let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+        // Values longer than 255 bytes are dropped rather than stored.
+        let short = |name: &str| {
+            response
+                .headers
+                .get(name)
+                .map(HeaderValue::as_bytes)
+                .filter(|v| v.len() <= usize::from(u8::MAX))
+                .unwrap_or_default()
+        };
+        let content_type = short("content-type");
+        let request_id = short("x-request-id");
+        let mut data = Vec::with_capacity(
+            response.body.len() + etag.len() + content_type.len() + request_id.len(),
+        );
+        for part in [
+            &response.body[..],
+            etag.as_bytes(),
+            content_type,
+            request_id,
+        ] {
+            data.extend_from_slice(part);
+        }
+        Stored {
+            data: Bytes::from(data),
+            body_len: u32::try_from(response.body.len()).expect("bodies are bounded by max_body"),
+            etag_len: etag.len() as u8,
+            content_type_len: content_type.len() as u8,
+            request_id_len: request_id.len() as u8,
+            status: response.status,
+            class,
+            retry_after: 0,
+            stored_at,
+        }
+    }
+
+    pub fn body(&self) -> Bytes {
+        self.data.slice(..self.body_len as usize)
+    }
+
+    /// Strong validator over the body bytes (RFC 9110 §8.8.3).
+    pub fn etag(&self) -> HeaderValue {
+        self.value(0, self.etag_len)
+            .expect("a hex ETag is a valid header value")
+    }
+
+    pub fn content_type(&self) -> Option<HeaderValue> {
+        self.value(1, self.content_type_len)
+    }
+
+    /// The upstream `X-Request-Id` of the request that fetched this answer.
+    pub fn request_id(&self) -> Option<HeaderValue> {
+        self.value(2, self.request_id_len)
+    }
+
+    /// Marks a 429 passed to the client with the backoff it started.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = u32::try_from(secs).unwrap_or(u32::MAX);
+        self
+    }
+
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        (self.retry_after > 0).then(|| HeaderValue::from(self.retry_after))
+    }
+
+    /// The `index`th value after the body (ETag, Content-Type, X-Request-Id).
+    fn value(&self, index: usize, len: u8) -> Option<HeaderValue> {
+        if len == 0 {
+            return None;
+        }
+        let lens = [self.etag_len, self.content_type_len, self.request_id_len];
+        let start =
+            self.body_len as usize + lens[..index].iter().map(|l| usize::from(*l)).sum::<usize>();
+        // Bytes that were a valid header value upstream are valid again.
+        HeaderValue::from_maybe_shared(self.data.slice(start..start + usize::from(len))).ok()
+    }
+
+    /// Bytes weighed against the budget beyond the store's own bookkeeping.
+    pub fn weight(&self) -> usize {
+        self.data.len() + std::mem::size_of::<Stored>()
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    const RUNNING: &str = r#"{"id":"j","status":"RUNNING","progress_percent":0.5}"#;
+
+    fn response(status: u16, body: &str) -> UpstreamResponse {
+        UpstreamResponse {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn stored_answers_copy_body_and_headers_into_one_allocation() {
+        let mut upstream = response(200, RUNNING);
+        upstream.headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
+        upstream
+            .headers
+            .insert("x-request-id", HeaderValue::from_static("abc123"));
+        let stored = Stored::new(&upstream, Class::Running, Instant::now());
+        assert_eq!(stored.body(), RUNNING);
+        assert_eq!(
+            stored.content_type().unwrap(),
+            "application/json;charset=UTF-8"
+        );
+        assert_eq!(stored.request_id().unwrap(), "abc123");
+        assert_eq!(stored.etag().len(), 34);
+        assert_eq!(stored.retry_after(), None);
+        assert_eq!(stored.data.len(), RUNNING.len() + 34 + 30 + 6);
+        let bare = Stored::new(&response(200, ""), Class::Running, Instant::now());
+        assert_eq!(
+            (bare.content_type(), bare.request_id(), bare.body().len()),
+            (None, None, 0)
+        );
+    }
+}
