@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use progress_gateway::simulator::Behaviour;
+use progress_gateway::tools::simulator::Behaviour;
 use tokio::io::AsyncWriteExt;
 
 fn slow(latency_ms: u64) -> Behaviour {
@@ -193,7 +193,7 @@ async fn the_byte_budget_evicts() {
     for i in 0..200 {
         h.get(&roma_path(&format!("done{i}_d0"))).await;
     }
-    let (entries, bytes) = h.gateway.cache().usage();
+    let (entries, bytes) = h.app().gateway().cache().usage();
     assert!(bytes <= 16 * 1024, "{bytes} bytes");
     assert!(entries > 0 && entries < 200, "{entries} entries");
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::*;
-use progress_gateway::simulator::{Behaviour, IamUser, SimAuth};
+use progress_gateway::tools::simulator::{Behaviour, IamUser, SimAuth};
 
 const AK: &str = "HPUAGATEWAYAK0000001";
 const SK: &str = "gatewaySecretKey0123456789abcdefghijKLMN";
@@ -77,7 +77,7 @@ async fn start_iam(lifetime: Duration, margin: &str, behaviour: Behaviour) -> Ha
         auth: iam_user(lifetime),
         behaviour,
         sections: "[cache]\nrunning_ttl = \"0s\"".into(),
-        credential: iam_credential(margin, "50ms"),
+        credential: Some(iam_credential(margin, "50ms")),
         ..Spec::default()
     })
     .await;
@@ -91,7 +91,7 @@ fn aksk_spec() -> Spec {
             aksk: Some((AK.into(), SK.into())),
             ..SimAuth::default()
         },
-        credential: "kind = \"aksk\"\nak_file = \"{dir}/ak\"\nsk_file = \"{dir}/sk\"".into(),
+        credential: Some("kind = \"aksk\"\nak_file = \"{dir}/ak\"\nsk_file = \"{dir}/sk\"".into()),
         ..Spec::default()
     }
 }
@@ -137,7 +137,7 @@ async fn a_wrong_sk_is_rejected_with_a_clear_error() {
 async fn temporary_aksk_from_a_credentials_file_sends_the_security_token() {
     logs();
     let h = start_spec(Spec {
-        credential: "kind = \"aksk\"\ncredentials_file = \"{dir}/temporary.json\"".into(),
+        credential: Some("kind = \"aksk\"\ncredentials_file = \"{dir}/temporary.json\"".into()),
         ..aksk_spec()
     })
     .await;
@@ -245,7 +245,6 @@ async fn iam_down_at_start_gives_503_then_recovers_without_restart() {
         },
     )
     .await;
-    h.gateway.clone().prepare_credentials().await;
     let reply = h.get(&drs_path("a")).await;
     assert_gateway_error(&reply, 503, "PGW.5030");
     assert!(reply.json()["error_msg"]

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use progress_gateway::simulator::Behaviour;
+use progress_gateway::tools::simulator::Behaviour;
 
 #[tokio::test]
 async fn drs_progress_is_forwarded_with_the_gateways_token_only() {

@@ -7,7 +7,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use progress_gateway::simulator::Behaviour;
+use progress_gateway::tools::simulator::Behaviour;
+use progress_gateway::tools::SimFront;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -20,16 +21,17 @@ struct Process {
 }
 
 fn config(sim: SocketAddr, dir: &std::path::Path, extra: &str, projects: &[&str]) -> String {
-    let mut text = format!(
-        "listen = \"127.0.0.1:0\"\n{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[regions.sim]\ndrs = \"http://{sim}\"\nroma = \"http://{sim}\"\n\n[credentials.main]\nkind = \"token\"\ntoken_file = \"{}/token\"\n",
-        dir.display()
-    );
+    front(sim, dir, extra, projects).toml()
+}
+
+fn front(sim: SocketAddr, dir: &std::path::Path, extra: &str, projects: &[&str]) -> SimFront {
+    let mut front = SimFront::new(sim, &dir.join("token"))
+        .without_projects()
+        .section(extra);
     for project in projects {
-        text.push_str(&format!(
-            "\n[[projects]]\nid = \"{project}\"\nregion = \"sim\"\ncredential = \"main\"\n"
-        ));
+        front = front.project(project, "main");
     }
-    text
+    front
 }
 
 async fn spawn_gateway(config: &std::path::Path) -> Process {
@@ -181,10 +183,9 @@ async fn sighup_applies_a_valid_config_live_and_refuses_an_invalid_one() {
     assert_eq!(raw_get(&mut connection, &other).await.0, 403);
 
     // A second project, and a new listen address that needs a restart.
-    let next = config(sim_addr, dir.path(), cache, &[PROJECT, OTHER_PROJECT]).replace(
-        "listen = \"127.0.0.1:0\"\n[cache]",
-        "listen = \"127.0.0.1:1\"\n[cache]",
-    );
+    let next = front(sim_addr, dir.path(), cache, &[PROJECT, OTHER_PROJECT])
+        .listen("127.0.0.1:1")
+        .toml();
     std::fs::write(&path, next).unwrap();
     gateway.signal("HUP");
     let lines = gateway.logs_until("config reloaded").await;

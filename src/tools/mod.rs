@@ -21,6 +21,8 @@ pub const PROJECT: &str = "0123456789abcdef0123456789abcdef";
 #[derive(Debug, Clone)]
 pub struct SimFront {
     sim: SocketAddr,
+    /// Where the region points: the simulator unless replaced.
+    region: Option<String>,
     token_file: PathBuf,
     listen: String,
     admin: String,
@@ -35,6 +37,7 @@ impl SimFront {
     pub fn new(sim: SocketAddr, token_file: &Path) -> Self {
         SimFront {
             sim,
+            region: None,
             token_file: token_file.to_path_buf(),
             listen: "127.0.0.1:0".into(),
             admin: "127.0.0.1:0".into(),
@@ -53,6 +56,12 @@ impl SimFront {
     /// `[admin] listen`; `""` turns the admin listener off.
     pub fn admin(mut self, addr: &str) -> Self {
         self.admin = addr.into();
+        self
+    }
+
+    /// Points both APIs at `url` instead of the simulator.
+    pub fn region(mut self, url: &str) -> Self {
+        self.region = Some(url.into());
         self
     }
 
@@ -82,7 +91,11 @@ impl SimFront {
     }
 
     pub fn toml(&self) -> String {
-        let (sim, token) = (self.sim, self.token_file.display());
+        let token = self.token_file.display();
+        let url = self
+            .region
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.sim));
         let mut text = format!(
             "listen = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n",
             self.listen, self.admin
@@ -96,7 +109,7 @@ impl SimFront {
             .clone()
             .unwrap_or_else(|| format!("kind = \"token\"\ntoken_file = \"{token}\""));
         text.push_str(&format!(
-            "[regions.sim]\ndrs = \"http://{sim}\"\nroma = \"http://{sim}\"\n\n\
+            "[regions.sim]\ndrs = \"{url}\"\nroma = \"{url}\"\n\n\
              [credentials.main]\n{main}\n\n\
              [credentials.second]\nkind = \"token\"\ntoken_file = \"{token}\"\n"
         ));

@@ -3,7 +3,6 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,14 +10,13 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use progress_gateway::config::Config;
-use progress_gateway::proxy::Gateway;
-use progress_gateway::server;
-use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
-use tokio::net::TcpListener;
+use progress_gateway::app::{App, Running};
+use progress_gateway::tools::simulator::{Behaviour, SimAuth, Simulator};
+use progress_gateway::tools::SimFront;
+
+pub use progress_gateway::tools::PROJECT;
 
 pub const TOKEN: &str = "sim-token-4f1d2c9e";
-pub const PROJECT: &str = "0123456789abcdef0123456789abcdef";
 pub const OTHER_PROJECT: &str = "fedcba9876543210fedcba9876543210";
 
 pub fn drs_path(job: &str) -> String {
@@ -35,7 +33,7 @@ pub struct Harness {
     pub addr: SocketAddr,
     /// The admin listener (metrics, health).
     pub admin: SocketAddr,
-    pub gateway: Arc<Gateway>,
+    pub running: Running,
     client: Client<HttpConnector, Empty<Bytes>>,
     _dir: tempfile::TempDir,
 }
@@ -56,7 +54,7 @@ impl Reply {
     }
 }
 
-/// Starts the simulator on port 0.
+/// Starts the simulator on port 0, requiring [`TOKEN`].
 pub async fn start_simulator(behaviour: Behaviour) -> (Simulator, SocketAddr) {
     let auth = SimAuth {
         token: Some(TOKEN.into()),
@@ -79,8 +77,10 @@ pub struct Spec {
     pub auth: SimAuth,
     pub behaviour: Behaviour,
     pub sections: String,
-    pub credential: String,
+    pub credential: Option<String>,
     pub upstream_url: Option<String>,
+    /// Files to write into the temporary directory before the gateway starts.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for Spec {
@@ -92,76 +92,46 @@ impl Default for Spec {
             },
             behaviour: Behaviour::default(),
             sections: String::new(),
-            credential: "kind = \"token\"\ntoken_file = \"{dir}/token\"".into(),
+            credential: None,
             upstream_url: None,
+            files: Vec::new(),
         }
     }
 }
 
-/// Starts the simulator and the gateway in front of it as `spec` says.
+/// Starts the simulator and, through `app` as `serve` does, the gateway in
+/// front of it as `spec` says.
 pub async fn start_spec(spec: Spec) -> Harness {
     let (sim, sim_addr) = start_simulator_with(spec.auth, spec.behaviour).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    for (name, bytes) in &spec.files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
     let dir_text = dir.path().display().to_string();
-    let url = spec
-        .upstream_url
-        .unwrap_or_else(|| format!("http://{sim_addr}"));
-    let credential = spec
-        .credential
-        .replace("{dir}", &dir_text)
-        .replace("{sim}", &sim_addr.to_string());
-    let sections = spec.sections;
-    let text = format!(
-        r#"
-listen = "127.0.0.1:0"
-{sections}
-
-[regions.sim]
-drs = "{url}"
-roma = "{url}"
-
-[credentials.main]
-{credential}
-
-[credentials.second]
-kind = "token"
-token_file = "{dir_text}/token"
-
-[[projects]]
-id = "{PROJECT}"
-region = "sim"
-credential = "main"
-
-[[projects]]
-id = "{OTHER_PROJECT}"
-region = "sim"
-credential = "second"
-"#
-    );
-    let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let gateway = Gateway::new(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    gateway.spawn(listener);
-    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = admin_listener.local_addr().unwrap();
-    let handle = gateway.clone();
-    tokio::spawn(server::serve(
-        admin_listener,
-        move |request| {
-            let gateway = handle.clone();
-            async move { progress_gateway::admin::handle(&gateway, &request) }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
+    let fill = |text: &str| {
+        text.replace("{dir}", &dir_text)
+            .replace("{sim}", &sim_addr.to_string())
+    };
+    let mut front = SimFront::new(sim_addr, &dir.path().join("token"))
+        .section(&fill(&spec.sections))
+        .project(OTHER_PROJECT, "second");
+    if let Some(credential) = &spec.credential {
+        front = front.credential(&fill(credential));
+    }
+    if let Some(url) = &spec.upstream_url {
+        front = front.region(url);
+    }
+    let config = front
+        .config()
+        .unwrap_or_else(|e| panic!("{e}\n{}", front.toml()));
+    let running = App::new(config).unwrap().bind().await.unwrap();
     Harness {
         sim,
         sim_addr,
-        addr,
-        admin,
-        gateway,
+        addr: running.proxy,
+        admin: running.admin.expect("the harness has an admin listener"),
+        running,
         client: Client::builder(TokioExecutor::new()).build_http(),
         _dir: dir,
     }
@@ -188,6 +158,10 @@ pub async fn start(sections: &str) -> Harness {
 }
 
 impl Harness {
+    pub fn app(&self) -> &App {
+        self.running.app()
+    }
+
     pub fn token_path(&self) -> std::path::PathBuf {
         self._dir.path().join("token")
     }
