@@ -322,20 +322,7 @@ fn bare_server(addr: &str, dir: &str) -> ! {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        progress_gateway::server::serve(
-            listener,
-            move |_request| {
-                let (headers, body) = (headers.clone(), body.clone());
-                async move {
-                    let mut response = http::Response::new(http_body_util::Full::new(body));
-                    *response.headers_mut() = headers;
-                    response
-                }
-            },
-            std::future::pending(),
-            Duration::ZERO,
-        )
-        .await;
+        serve_fixed(listener, FixedAnswer { headers, body }).await;
     });
     std::process::exit(0)
 }

@@ -9,12 +9,12 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
-use progress_gateway::cache::CacheKey;
-use progress_gateway::config::Config;
-use progress_gateway::policy::{classify, TerminalSets};
-use progress_gateway::proxy::Gateway;
+use progress_gateway::cache::policy::classify;
+use progress_gateway::cache::{CacheKey, CachePolicy};
 use progress_gateway::route::{self, Api};
-use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
+use progress_gateway::tools::simulator::{Behaviour, SimAuth, Simulator};
+
+mod common;
 
 const ROMA: &str = "/v2/0123456789abcdef0123456789abcdef/instances/11111111-2222-3333-4444-555555555555/assets/jobs/ff8080814dbd65d7014dbe0d84db0013";
 const BODY: &[u8] = br#"{"id":"ff8080814dbd65d7014dbe0d84db0013","type":"exportAsset","status":"SUCCEEDED","progress_percent":1.0,"begin_time":"2026-11-22T07:00:00Z","end_time":"2026-11-22T07:30:00Z","reasons":[],"archive_id":"a"}"#;
@@ -29,41 +29,39 @@ fn hot_path(c: &mut Criterion) {
             .unwrap()
         })
     });
-    let sets = TerminalSets::default();
+    let policy = CachePolicy::default();
+    let terminal = policy.terminal(Api::Roma);
     c.bench_function("classify (ROMA, terminal)", |b| {
-        b.iter(|| classify(Api::Roma, StatusCode::OK, std::hint::black_box(BODY), &sets))
+        b.iter(|| classify(Api::Roma, StatusCode::OK, std::hint::black_box(BODY), terminal))
     });
     let parsed = route::parse(&Method::GET, ROMA).unwrap();
     c.bench_function("CacheKey::new", |b| {
         b.iter(|| CacheKey::new(std::hint::black_box(&parsed), Some("en-us"), "token:main"))
     });
 
-    // A whole hit through Gateway::handle: route, project, key, cache, response.
+    // A whole hit through Gateway::answer: route, project, key, cache, response.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "t").unwrap();
-    let gateway = runtime.block_on(async {
+    let running = runtime.block_on(async {
         let sim = Simulator::new(
             SimAuth { token: Some("t".into()), ..SimAuth::default() },
             Behaviour { job_duration: Duration::ZERO, ..Behaviour::default() },
         );
         let addr = sim.spawn("127.0.0.1:0").await.unwrap();
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\n[regions.sim]\ndrs = \"http://{addr}\"\nroma = \"http://{addr}\"\n[credentials.main]\nkind = \"token\"\ntoken_file = \"{}/token\"\n[[projects]]\nid = \"0123456789abcdef0123456789abcdef\"\nregion = \"sim\"\ncredential = \"main\"\n",
-            dir.path().display()
-        );
-        let gateway = Gateway::new(Config::parse(&text).unwrap());
-        let first = gateway.handle(Request::get(ROMA).body(Empty::<Bytes>::new()).unwrap()).await;
+        let running = common::start_gateway(addr, &dir.path().join("token"), "1s").await;
+        let first = running.app().gateway().answer(Request::get(ROMA).body(Empty::<Bytes>::new()).unwrap()).await;
         assert_eq!(first.status(), 200);
-        gateway
+        running
     });
-    c.bench_function("cache hit served in-process (Gateway::handle)", |b| {
+    let gateway = running.app().gateway();
+    c.bench_function("cache hit served in-process (Gateway::answer)", |b| {
         b.to_async(&runtime).iter(|| async {
             let response = gateway
-                .handle(Request::get(ROMA).body(Empty::<Bytes>::new()).unwrap())
+                .answer(Request::get(ROMA).body(Empty::<Bytes>::new()).unwrap())
                 .await;
             assert_eq!(response.headers()["x-cache"], "HIT");
             response

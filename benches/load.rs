@@ -20,70 +20,50 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Response;
-use http_body_util::Full;
-use progress_gateway::cache::{Cache, CacheKey};
-use progress_gateway::config::Config;
-use progress_gateway::policy::CachePolicy;
-use progress_gateway::proxy::Gateway;
+use progress_gateway::cache::{Cache, CacheKey, CachePolicy};
+use progress_gateway::credentials::{Credential, CredentialSpec, Origin};
+use progress_gateway::fetch::{Fetch, FetchFuture, FetchRequest};
+use progress_gateway::metrics::{CredentialCounters, Metrics};
 use progress_gateway::route::{Api, Route};
-use progress_gateway::server;
 use progress_gateway::upstream::UpstreamResponse;
-use tokio::net::TcpListener;
 
 mod common;
 
 use common::*;
 
-async fn start_gateway(
-    sim: SocketAddr,
-    token_file: &std::path::Path,
-    running_ttl: &str,
-) -> SocketAddr {
-    let text = format!(
-        r#"
-listen = "127.0.0.1:0"
-[cache]
-running_ttl = "{running_ttl}"
-[regions.sim]
-drs = "http://{sim}"
-roma = "http://{sim}"
-[credentials.main]
-kind = "token"
-token_file = "{}"
-[[projects]]
-id = "{PROJECT}"
-region = "sim"
-credential = "main"
-"#,
-        token_file.display()
-    );
-    let gateway = Gateway::new(Config::parse(&text).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// The ceiling: hyper answering fixed bytes, with the same server loop.
+async fn start_bare(headers: http::HeaderMap, body: Bytes) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    gateway.spawn(listener);
+    tokio::spawn(serve_fixed(listener, FixedAnswer { headers, body }));
     addr
 }
 
-/// The ceiling: hyper answering fixed bytes, with the same server loop.
-async fn start_bare(headers: http::HeaderMap, body: Bytes) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let template = Arc::new((headers, body));
-    tokio::spawn(server::serve(
-        listener,
-        move |_request| {
-            let template = template.clone();
-            async move {
-                let mut response = Response::new(Full::new(template.1.clone()));
-                *response.headers_mut() = template.0.clone();
-                response
-            }
-        },
-        std::future::pending(),
-        Duration::ZERO,
-    ));
-    addr
+/// An upstream that answers every fetch with a copy of one terminal body.
+struct Terminal(Bytes);
+
+impl Fetch for Terminal {
+    fn fetch(self: Arc<Self>, _request: FetchRequest) -> FetchFuture {
+        Box::pin(async move {
+            Ok(UpstreamResponse {
+                status: http::StatusCode::OK,
+                headers: [
+                    (
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    ),
+                    (
+                        http::HeaderName::from_static("x-request-id"),
+                        http::HeaderValue::from_static("0123456789abcdef0123456789abcdef"),
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+                // A copy, as an upstream body would be: not shared with other entries.
+                body: Bytes::copy_from_slice(&self.0),
+            })
+        })
+    }
 }
 
 fn rss_bytes() -> u64 {
@@ -113,7 +93,8 @@ fn main() {
 
     // 1. Hit throughput against the ceiling.
     let (_, sim) = servers.block_on(start_simulator(Duration::ZERO, Some("bench-token")));
-    let gateway = servers.block_on(start_gateway(sim, &token, "1s"));
+    let gateway_running = servers.block_on(start_gateway(sim, &token, "1s"));
+    let gateway = gateway_running.proxy;
     let hot = format!("http://{gateway}/v2/{PROJECT}/instances/i/assets/jobs/hot_d0");
     let (status, headers, body) = load.block_on(async { get(&client(1), &hot).await });
     assert_eq!(status, 200);
@@ -166,7 +147,8 @@ fn main() {
         Duration::from_millis(20),
         Some("bench-token"),
     ));
-    let herd_gateway = servers.block_on(start_gateway(herd_sim_addr, &token, "1s"));
+    let herd_gateway_running = servers.block_on(start_gateway(herd_sim_addr, &token, "1s"));
+    let herd_gateway = herd_gateway_running.proxy;
     // The same herd sent straight to a 20 ms simulator is the reference: what
     // 100 concurrent clients see of the upstream latency on this machine.
     let (_, direct_sim) = servers.block_on(start_simulator(Duration::from_millis(20), None));
@@ -231,7 +213,8 @@ fn main() {
         Some("bench-token"),
     ));
     let ttl = 1.0;
-    let poll_gateway = servers.block_on(start_gateway(poll_sim_addr, &token, "1s"));
+    let poll_gateway_running = servers.block_on(start_gateway(poll_sim_addr, &token, "1s"));
+    let poll_gateway = poll_gateway_running.proxy;
     let (c, k) = (200usize, 20usize);
     let served = load.block_on(async {
         let client = client(c);
@@ -271,10 +254,19 @@ fn main() {
         "f".repeat(32)
     ));
     let (per_entry, overhead) = servers.block_on(async {
-        let cache = Cache::new(CachePolicy {
-            max_bytes: 64 * 1024 * 1024 * 1024,
-            ..CachePolicy::default()
-        });
+        let cache = Cache::new(
+            CachePolicy {
+                max_bytes: bytesize::ByteSize::gib(64),
+                ..CachePolicy::default()
+            },
+            Arc::new(Terminal(body.clone())),
+            Arc::new(Metrics::new()),
+        );
+        let credential = Arc::new(Credential::new(
+            "main",
+            CredentialSpec::Token(Origin::Env("UNUSED".into())),
+            CredentialCounters::default(),
+        ));
         let before = rss_bytes();
         for i in 0..entries {
             let job = format!("{i:032x}");
@@ -284,32 +276,20 @@ fn main() {
                 instance: Some("11111111-2222-3333-4444-555555555555"),
                 job: &job,
             };
-            let body = body.clone();
-            let fetch = move || async move {
-                Ok(UpstreamResponse {
-                    status: http::StatusCode::OK,
-                    headers: [
-                        (
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("application/json"),
-                        ),
-                        (
-                            http::HeaderName::from_static("x-request-id"),
-                            http::HeaderValue::from_static("0123456789abcdef0123456789abcdef"),
-                        ),
-                    ]
-                    .into_iter()
-                    .collect(),
-                    // A copy, as an upstream body would be: not shared with other entries.
-                    body: Bytes::copy_from_slice(&body),
-                })
+            let request = || FetchRequest {
+                api: Api::Roma,
+                url: String::new(),
+                project: PROJECT.into(),
+                credential: credential.clone(),
+                language: None,
+                request_id: String::new(),
             };
             cache
                 .get(
                     CacheKey::new(&route, None, "token:main"),
                     Api::Roma,
                     PROJECT,
-                    fetch,
+                    request,
                 )
                 .await
                 .unwrap();

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::error::chain;
 use crate::metrics::Metrics;
-use crate::proxy::Gateway;
+use crate::proxy::{new_request_id, Gateway};
 
 const PATHS: &str = "/metrics, /healthz and /readyz";
 
@@ -43,14 +43,21 @@ impl Admin {
             }
             "/healthz" => json_response(StatusCode::OK, &json!({"status": "alive"})),
             "/readyz" => self.readiness(),
-            path => json_response(
-                StatusCode::NOT_FOUND,
-                &json!({
-                    "error_code": "PGW.4040",
-                    "error_msg": format!("no admin page at {path}: the admin listener serves {PATHS}"),
-                    "request_id": "-",
-                }),
-            ),
+            path => {
+                let request_id = new_request_id();
+                let mut response = json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({
+                        "error_code": "PGW.4040",
+                        "error_msg": format!("no admin page at {path}: the admin listener serves {PATHS}"),
+                        "request_id": request_id,
+                    }),
+                );
+                if let Ok(id) = HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert("x-request-id", id);
+                }
+                response
+            }
         }
     }
 

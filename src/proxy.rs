@@ -293,7 +293,7 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// 32 hex characters like Huawei's: a random per-process prefix and a counter.
 /// Unique, not secret, and no system call per request (a v4 UUID costs one).
-fn new_request_id() -> String {
+pub fn new_request_id() -> String {
     static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);

@@ -34,21 +34,18 @@ async fn crowd(h: &std::sync::Arc<Harness>, path: &str, n: usize) -> Vec<String>
     seen
 }
 
+/// Over real sockets, counted at the simulator; the window logic itself is
+/// tested on paused time in `handler.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_pollers_cost_one_upstream_request_per_window() {
-    let h = std::sync::Arc::new(start_with(slow(50), "[cache]\nrunning_ttl = \"2s\"", None).await);
+async fn a_thousand_pollers_over_sockets_cost_one_upstream_request() {
+    let h = std::sync::Arc::new(start_with(slow(50), "[cache]\nrunning_ttl = \"1h\"", None).await);
     let path = roma_path("job-crowd");
-    let first = crowd(&h, &path, 1000).await;
+    let seen = crowd(&h, &path, 1000).await;
     assert_eq!(h.sim.requests(&path), 1);
-    assert_eq!(first.iter().filter(|s| *s == "MISS").count(), 1);
-    assert!(first
+    assert_eq!(seen.iter().filter(|s| *s == "MISS").count(), 1);
+    assert!(seen
         .iter()
         .all(|s| ["MISS", "COALESCED", "HIT"].contains(&s.as_str())));
-
-    // The window passes (a time condition, not synchronisation): one more request.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    crowd(&h, &path, 1000).await;
-    assert_eq!(h.sim.requests(&path), 2);
 }
 
 #[tokio::test]
@@ -66,22 +63,6 @@ async fn terminal_result_is_fetched_once_and_never_again() {
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     assert_eq!(h.sim.requests(&path), 1);
-}
-
-#[tokio::test]
-async fn a_running_job_is_refetched_after_each_window() {
-    let h = start("[cache]\nrunning_ttl = \"100ms\"").await;
-    let path = drs_path("long-job");
-    let reply = h.get(&path).await;
-    assert_eq!(
-        reply.header("cache-control"),
-        "max-age=0",
-        "under a second left rounds down"
-    );
-    assert_eq!(h.get(&path).await.header("x-cache"), "HIT");
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(h.get(&path).await.header("x-cache"), "MISS");
-    assert_eq!(h.sim.requests(&path), 2);
 }
 
 #[tokio::test]
@@ -196,25 +177,4 @@ async fn the_byte_budget_evicts() {
     let (entries, bytes) = h.app().gateway().cache().usage();
     assert!(bytes <= 16 * 1024, "{bytes} bytes");
     assert!(entries > 0 && entries < 200, "{entries} entries");
-}
-
-#[tokio::test]
-async fn stale_while_revalidate_answers_at_once() {
-    let h = start_with(
-        slow(200),
-        "[cache]\nrunning_ttl = \"50ms\"\nstale_while_revalidate = \"10s\"",
-        None,
-    )
-    .await;
-    let path = roma_path("swr");
-    h.get(&path).await;
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    let started = std::time::Instant::now();
-    let reply = h.get(&path).await;
-    assert_eq!(reply.header("x-cache"), "STALE");
-    assert!(
-        started.elapsed() < Duration::from_millis(150),
-        "served without waiting for upstream"
-    );
-    h.sim.arrived(2).await;
 }

@@ -73,16 +73,15 @@ fn iam_credential(margin: &str, backoff: &str) -> String {
 
 async fn start_iam(lifetime: Duration, margin: &str, behaviour: Behaviour) -> Harness {
     logs();
-    let h = start_spec(Spec {
+    start_spec(Spec {
         auth: iam_user(lifetime),
         behaviour,
         sections: "[cache]\nrunning_ttl = \"0s\"".into(),
         credential: Some(iam_credential(margin, "50ms")),
+        files: vec![("password".into(), PASSWORD.into())],
         ..Spec::default()
     })
-    .await;
-    std::fs::write(h.dir().join("password"), PASSWORD).unwrap();
-    h
+    .await
 }
 
 fn aksk_spec() -> Spec {
@@ -98,10 +97,11 @@ fn aksk_spec() -> Spec {
 
 async fn start_aksk(sk: &str) -> Harness {
     logs();
-    let h = start_spec(aksk_spec()).await;
-    std::fs::write(h.dir().join("ak"), AK).unwrap();
-    std::fs::write(h.dir().join("sk"), sk).unwrap();
-    h
+    start_spec(Spec {
+        files: vec![("ak".into(), AK.into()), ("sk".into(), sk.into())],
+        ..aksk_spec()
+    })
+    .await
 }
 
 #[tokio::test]
@@ -218,6 +218,21 @@ async fn hundred_requests_at_expiry_cause_one_iam_call() {
         assert_eq!(task.await.unwrap(), 200);
     }
     assert_eq!(h.sim.iam_calls(), 2);
+    assert_logs_hold_no_secret();
+}
+
+#[tokio::test]
+async fn a_reload_while_iam_is_down_keeps_serving_with_the_valid_token() {
+    let h = start_iam(Duration::from_secs(3600), "1m", Behaviour::default()).await;
+    assert_eq!(h.get(&drs_path("before")).await.status, 200);
+    assert_eq!(h.sim.iam_calls(), 1);
+    h.sim.set_behaviour(|b| b.iam_down = true);
+    // What SIGHUP does with an unchanged file.
+    let restart = h.app().reload(h.config.clone()).unwrap();
+    assert!(restart.is_empty(), "{restart:?}");
+    let reply = h.get(&drs_path("after")).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(h.sim.iam_calls(), 1, "the token survived the reload");
     assert_logs_hold_no_secret();
 }
 

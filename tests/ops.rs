@@ -45,6 +45,25 @@ async fn metrics_count_requests_upstream_calls_and_cache_state() {
 }
 
 #[tokio::test]
+async fn a_request_without_a_usable_credential_is_counted_as_a_credential_failure() {
+    let h = start_spec(Spec {
+        credential: Some("kind = \"token\"\ntoken_file = \"{dir}/absent\"".into()),
+        ..Spec::default()
+    })
+    .await;
+    assert_gateway_error(&h.get(&drs_path("a")).await, 503, "PGW.5030");
+    assert_gateway_error(&h.get(&drs_path("b")).await, 503, "PGW.5030");
+    let text = String::from_utf8(h.admin_get("/metrics").await.body.to_vec()).unwrap();
+    for line in [
+        r#"pgw_credential_failures_total{credential="main",kind="token"} 2"#,
+        r#"pgw_upstream_requests_total{api="drs",status="0",outcome="credential"} 2"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert_eq!(h.sim.total(), 0);
+}
+
+#[tokio::test]
 async fn healthz_is_alive_and_readyz_names_projects_without_credentials() {
     let h = start("").await;
     assert_eq!(h.admin_get("/healthz").await.status, 200);
@@ -73,7 +92,11 @@ async fn healthz_is_alive_and_readyz_names_projects_without_credentials() {
         .as_str()
         .unwrap()
         .contains("cannot read"));
-    assert_eq!(h.admin_get("/other").await.status, 404);
+    let missing = h.admin_get("/other").await;
+    assert_eq!(missing.status, 404);
+    let message = missing.json()["error_msg"].as_str().unwrap().to_string();
+    assert!(message.contains("/metrics") && !message.contains("/v5/"), "{message}");
+    assert!(!missing.header("x-request-id").is_empty());
 }
 
 fn sha256_hex(key: &str) -> String {

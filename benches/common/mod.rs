@@ -10,10 +10,16 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use progress_gateway::simulator::{Behaviour, SimAuth, Simulator};
+use progress_gateway::app::{App, Running};
+use progress_gateway::config::Config;
+use progress_gateway::server::{Handler, Server};
+use progress_gateway::tools::simulator::{Behaviour, SimAuth, Simulator};
+use progress_gateway::tools::SimFront;
 use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
 
-pub const PROJECT: &str = "0123456789abcdef0123456789abcdef";
+#[allow(unused_imports)] // not every bench names the project
+pub use progress_gateway::tools::PROJECT;
 
 pub fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -151,15 +157,46 @@ pub async fn start_simulator(latency: Duration, token: Option<&str>) -> (Simulat
     (sim, addr)
 }
 
-/// A gateway config in front of the simulator at `sim`.
+/// A gateway config in front of the simulator at `sim`, admin listener off.
 pub fn gateway_config(
     listen: &str,
     sim: SocketAddr,
     token_file: &std::path::Path,
     running_ttl: &str,
 ) -> String {
-    format!(
-        "listen = \"{listen}\"\n[admin]\nlisten = \"\"\n[cache]\nrunning_ttl = \"{running_ttl}\"\n[regions.sim]\ndrs = \"http://{sim}\"\nroma = \"http://{sim}\"\n[credentials.main]\nkind = \"token\"\ntoken_file = \"{}\"\n[[projects]]\nid = \"{PROJECT}\"\nregion = \"sim\"\ncredential = \"main\"\n",
-        token_file.display()
-    )
+    SimFront::new(sim, token_file)
+        .listen(listen)
+        .admin("")
+        .section(&format!("[cache]\nrunning_ttl = \"{running_ttl}\""))
+        .toml()
+}
+
+/// The gateway in-process, started through `app` as `serve` starts it.
+pub async fn start_gateway(sim: SocketAddr, token_file: &std::path::Path, running_ttl: &str) -> Running {
+    let config = Config::parse(&gateway_config("127.0.0.1:0", sim, token_file, running_ttl)).unwrap();
+    App::new(config).unwrap().bind().await.unwrap()
+}
+
+/// The ceiling: hyper answering fixed bytes through the gateway's own server loop.
+pub struct FixedAnswer {
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Handler for FixedAnswer {
+    async fn handle(
+        &self,
+        _request: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<http_body_util::Full<Bytes>> {
+        let mut response = http::Response::new(http_body_util::Full::new(self.body.clone()));
+        *response.headers_mut() = self.headers.clone();
+        response
+    }
+}
+
+/// Serves `answer` on `listener` until the runtime ends.
+pub async fn serve_fixed(listener: tokio::net::TcpListener, answer: FixedAnswer) {
+    Server::new(listener)
+        .serve(std::sync::Arc::new(answer), CancellationToken::new())
+        .await
 }

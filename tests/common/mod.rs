@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use progress_gateway::app::{App, Running};
+use progress_gateway::config::Config;
 use progress_gateway::tools::simulator::{Behaviour, SimAuth, Simulator};
 use progress_gateway::tools::SimFront;
 
@@ -34,6 +35,8 @@ pub struct Harness {
     /// The admin listener (metrics, health).
     pub admin: SocketAddr,
     pub running: Running,
+    /// The config it was started with (for in-process reloads).
+    pub config: Config,
     client: Client<HttpConnector, Empty<Bytes>>,
     _dir: tempfile::TempDir,
 }
@@ -125,13 +128,14 @@ pub async fn start_spec(spec: Spec) -> Harness {
     let config = front
         .config()
         .unwrap_or_else(|e| panic!("{e}\n{}", front.toml()));
-    let running = App::new(config).unwrap().bind().await.unwrap();
+    let running = App::new(config.clone()).unwrap().bind().await.unwrap();
     Harness {
         sim,
         sim_addr,
         addr: running.proxy,
         admin: running.admin.expect("the harness has an admin listener"),
         running,
+        config,
         client: Client::builder(TokioExecutor::new()).build_http(),
         _dir: dir,
     }

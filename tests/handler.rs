@@ -1,0 +1,242 @@
+//! Time-dependent behaviour through the real request handler, on paused tokio
+//! time, with a scripted upstream in place of the fetch: the gateway is built
+//! by `app` exactly as `serve` builds it, only no socket is involved.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use progress_gateway::app::App;
+use progress_gateway::config::Config;
+use progress_gateway::fetch::{Fetch, FetchFuture, FetchRequest};
+use progress_gateway::tools::{SimFront, PROJECT};
+use progress_gateway::upstream::UpstreamResponse;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+const RUNNING: &str = r#"{"id":"j","type":"exportAsset","status":"RUNNING","progress_percent":0.5}"#;
+
+/// Answers every fetch from a script (the last answer repeats) after a delay,
+/// and counts the fetches.
+struct Script {
+    answers: Mutex<Vec<(u16, &'static str)>>,
+    delay: Duration,
+    calls: AtomicUsize,
+}
+
+impl Script {
+    fn new(delay: Duration, answers: &[(u16, &'static str)]) -> Arc<Self> {
+        Arc::new(Script {
+            answers: Mutex::new(answers.iter().rev().copied().collect()),
+            delay,
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Replaces what upstream answers from now on.
+    fn then(&self, status: u16, body: &'static str) {
+        *self.answers.lock() = vec![(status, body)];
+    }
+}
+
+impl Fetch for Script {
+    fn fetch(self: Arc<Self>, _request: FetchRequest) -> FetchFuture {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            let (status, body) = {
+                let mut answers = self.answers.lock();
+                match answers.len() {
+                    0 => panic!("no scripted answer"),
+                    1 => answers[0],
+                    _ => answers.pop().unwrap(),
+                }
+            };
+            Ok(UpstreamResponse {
+                status: StatusCode::from_u16(status).unwrap(),
+                headers: HeaderMap::new(),
+                body: Bytes::from_static(body.as_bytes()),
+            })
+        })
+    }
+}
+
+/// A config whose upstream is never contacted: the script stands in for it.
+fn config(cache: &str) -> Config {
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    SimFront::new(nowhere, Path::new("/nonexistent/token"))
+        .admin("")
+        .section(cache)
+        .config()
+        .unwrap()
+}
+
+fn app(cache: &str, script: &Arc<Script>) -> App {
+    App::with_origin(config(cache), script.clone()).unwrap()
+}
+
+fn path(job: &str) -> String {
+    format!("/v2/{PROJECT}/instances/i/assets/jobs/{job}")
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", |v| v.to_str().unwrap())
+    }
+}
+
+async fn read(response: Response<Full<Bytes>>) -> Reply {
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+async fn get(app: &App, job: &str) -> Reply {
+    let request = Request::get(path(job)).body(Empty::<Bytes>::new()).unwrap();
+    read(app.gateway().answer(request).await).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_answer_is_fresh_for_its_ttl_then_fetched_again() {
+    let script = Script::new(Duration::from_millis(20), &[(200, RUNNING)]);
+    let app = app("[cache]\nrunning_ttl = \"2s\"", &script);
+    let first = get(&app, "j").await;
+    assert_eq!((first.status, first.header("x-cache")), (StatusCode::OK, "MISS"));
+    assert_eq!(first.header("cache-control"), "max-age=2");
+
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let hit = get(&app, "j").await;
+    assert_eq!(hit.header("x-cache"), "HIT");
+    assert_eq!(hit.header("age"), "1");
+    assert_eq!(script.calls(), 1);
+
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(get(&app, "j").await.header("x-cache"), "MISS");
+    assert_eq!(script.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn thousand_pollers_cost_one_upstream_request_per_window() {
+    let script = Script::new(Duration::from_millis(50), &[(200, RUNNING)]);
+    let app = Arc::new(app("[cache]\nrunning_ttl = \"2s\"", &script));
+    for window in 1..=3 {
+        let crowd: Vec<_> = (0..1000)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { get(&app, "crowd").await })
+            })
+            .collect();
+        let mut misses = 0;
+        for poller in crowd {
+            let reply = poller.await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK);
+            misses += usize::from(reply.header("x-cache") == "MISS");
+        }
+        assert_eq!(misses, 1, "window {window}");
+        assert_eq!(script.calls(), window);
+        tokio::time::advance(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_if_error_serves_the_last_answer_until_its_window_ends() {
+    let script = Script::new(Duration::ZERO, &[(200, RUNNING)]);
+    let app = app(
+        "[cache]\nrunning_ttl = \"1s\"\nstale_if_error = \"10s\"",
+        &script,
+    );
+    let fresh = get(&app, "j").await;
+    script.then(503, r#"{"error_code":"APIGW.0101","error_msg":"down"}"#);
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let stale = get(&app, "j").await;
+    assert_eq!((stale.status, stale.header("x-cache")), (StatusCode::OK, "STALE"));
+    assert_eq!(stale.body, fresh.body);
+
+    // 1 s fresh + 10 s stale-if-error have passed: the error shows.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let failed = get(&app, "j").await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(script.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
+    let script = Script::new(Duration::from_millis(200), &[(200, RUNNING)]);
+    let app = app(
+        "[cache]\nrunning_ttl = \"1s\"\nstale_while_revalidate = \"10s\"",
+        &script,
+    );
+    get(&app, "j").await;
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(get(&app, "j").await.header("x-cache"), "STALE");
+    }
+    assert_eq!(Instant::now(), asked, "no request waited for upstream");
+    // Past the refresh's landing (at +200 ms) on the paused clock.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(script.calls(), 2, "one refresh for ten requests");
+    assert_eq!(get(&app, "j").await.header("x-cache"), "HIT");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_backs_off_its_api_and_project_until_retry_after_passes() {
+    let script = Script::new(Duration::ZERO, &[(429, r#"{"error_code":"APIGW.0308"}"#)]);
+    let app = app("[cache]\nretry_after_default = \"4s\"", &script);
+    assert_eq!(get(&app, "a").await.status, StatusCode::TOO_MANY_REQUESTS);
+    script.then(200, RUNNING);
+    tokio::time::advance(Duration::from_millis(2500)).await;
+    let refused = get(&app, "b").await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.header("retry-after"), "2");
+    assert!(!refused.header("x-request-id").is_empty());
+    assert_eq!(script.calls(), 1, "refused without asking upstream");
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    assert_eq!(get(&app, "b").await.status, StatusCode::OK);
+    assert_eq!(script.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_cached_answers_and_applies_the_new_ttl() {
+    let script = Script::new(Duration::ZERO, &[(200, RUNNING)]);
+    let app = app("[cache]\nrunning_ttl = \"1s\"", &script);
+    get(&app, "j").await;
+    let restart = app.reload(config("[cache]\nrunning_ttl = \"1h\"")).unwrap();
+    assert!(restart.is_empty(), "{restart:?}");
+    tokio::time::advance(Duration::from_secs(600)).await;
+    assert_eq!(get(&app, "j").await.header("x-cache"), "HIT");
+    assert_eq!(script.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_that_panics_is_a_500_with_its_own_code() {
+    let script = Script::new(Duration::ZERO, &[]);
+    let app = app("", &script);
+    let reply = get(&app, "j").await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error_code"], "PGW.5000");
+    assert_eq!(body["request_id"], reply.header("x-request-id"));
+    // The key is not stuck: the next request fetches again.
+    script.then(200, RUNNING);
+    assert_eq!(get(&app, "j").await.header("x-cache"), "MISS");
+}
