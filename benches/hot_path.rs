@@ -32,7 +32,14 @@ fn hot_path(c: &mut Criterion) {
     let policy = CachePolicy::default();
     let terminal = policy.terminal(Api::Roma);
     c.bench_function("classify (ROMA, terminal)", |b| {
-        b.iter(|| classify(Api::Roma, StatusCode::OK, std::hint::black_box(BODY), terminal))
+        b.iter(|| {
+            classify(
+                Api::Roma,
+                StatusCode::OK,
+                std::hint::black_box(BODY),
+                terminal,
+            )
+        })
     });
     let parsed = route::parse(&Method::GET, ROMA).unwrap();
     c.bench_function("CacheKey::new", |b| {
@@ -48,12 +55,22 @@ fn hot_path(c: &mut Criterion) {
     std::fs::write(dir.path().join("token"), "t").unwrap();
     let running = runtime.block_on(async {
         let sim = Simulator::new(
-            SimAuth { token: Some("t".into()), ..SimAuth::default() },
-            Behaviour { job_duration: Duration::ZERO, ..Behaviour::default() },
+            SimAuth {
+                token: Some("t".into()),
+                ..SimAuth::default()
+            },
+            Behaviour {
+                job_duration: Duration::ZERO,
+                ..Behaviour::default()
+            },
         );
         let addr = sim.spawn("127.0.0.1:0").await.unwrap();
         let running = common::start_gateway(addr, &dir.path().join("token"), "1s").await;
-        let first = running.app().gateway().answer(Request::get(ROMA).body(Empty::<Bytes>::new()).unwrap()).await;
+        let first = running
+            .app()
+            .gateway()
+            .answer(Request::get(ROMA).body(Empty::<Bytes>::new()).unwrap())
+            .await;
         assert_eq!(first.status(), 200);
         running
     });

@@ -58,7 +58,10 @@ pub enum AppError {
 impl AppError {
     /// Errors an operator fixes in the config file (exit code 78, EX_CONFIG).
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::Config { .. } | AppError::Tls(_) | AppError::Consumer(_))
+        matches!(
+            self,
+            AppError::Config { .. } | AppError::Tls(_) | AppError::Consumer(_)
+        )
     }
 }
 
@@ -117,9 +120,15 @@ impl Fixed {
             (self.listen != next.listen, "listen"),
             (self.admin != next.admin, "admin.listen"),
             (self.max_bytes != next.max_bytes, "cache.max_bytes"),
-            (was.tls() != now.tls(), "server.tls_cert_file / tls_key_file"),
+            (
+                was.tls() != now.tls(),
+                "server.tls_cert_file / tls_key_file",
+            ),
             (was.limits() != now.limits(), "server connection limits"),
-            (was.drain_timeout != now.drain_timeout, "server.drain_timeout"),
+            (
+                was.drain_timeout != now.drain_timeout,
+                "server.drain_timeout",
+            ),
         ] {
             if changed {
                 keys.push(key);
@@ -307,7 +316,10 @@ pub async fn serve(path: &Path, overrides: Overrides) -> Result<(), AppError> {
             ),
             Ok(restart) => {
                 for key in restart {
-                    tracing::warn!(key, "changed in the config file; takes effect after a restart");
+                    tracing::warn!(
+                        key,
+                        "changed in the config file; takes effect after a restart"
+                    );
                 }
                 tracing::info!(path = %path.display(), "config reloaded");
             }

@@ -114,14 +114,16 @@ impl ServerConfig {
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
-            max_header_bytes: usize::try_from(self.max_header_bytes.as_u64())
-                .unwrap_or(usize::MAX),
+            max_header_bytes: usize::try_from(self.max_header_bytes.as_u64()).unwrap_or(usize::MAX),
         }
     }
 
     /// Certificate and key files, when TLS is on (checked to come in pairs).
     pub fn tls(&self) -> Option<(&Path, &Path)> {
-        Some((self.tls_cert_file.as_deref()?, self.tls_key_file.as_deref()?))
+        Some((
+            self.tls_cert_file.as_deref()?,
+            self.tls_key_file.as_deref()?,
+        ))
     }
 
     pub fn consumer_key_header(&self) -> http::HeaderName {
@@ -314,9 +316,8 @@ impl Config {
         let mut regions = BTreeMap::new();
         for (name, region) in &raw.regions {
             let url = |field: &str, value: &Spanned<String>| {
-                base_url(value.get_ref()).map_err(|m| {
-                    text.invalid(format!("regions.{name}.{field}"), value.span(), m)
-                })
+                base_url(value.get_ref())
+                    .map_err(|m| text.invalid(format!("regions.{name}.{field}"), value.span(), m))
             };
             regions.insert(
                 name.clone(),
@@ -420,8 +421,16 @@ fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError>
         return Err(text.at("server", "consumer_key_header", "not a valid header name"));
     }
     match (&server.tls_cert_file, &server.tls_key_file) {
-        (Some(_), None) => Err(text.at("server", "tls_cert_file", "tls_cert_file and tls_key_file go together")),
-        (None, Some(_)) => Err(text.at("server", "tls_key_file", "tls_cert_file and tls_key_file go together")),
+        (Some(_), None) => Err(text.at(
+            "server",
+            "tls_cert_file",
+            "tls_cert_file and tls_key_file go together",
+        )),
+        (None, Some(_)) => Err(text.at(
+            "server",
+            "tls_key_file",
+            "tls_cert_file and tls_key_file go together",
+        )),
         _ => Ok(()),
     }
 }
@@ -455,7 +464,10 @@ fn credential_spec(raw: &RawCredential) -> Result<CredentialSpec, String> {
             .contains(&true);
             CredentialSpec::AkSk(match credentials_file {
                 Some(_) if others_named => {
-                    return Err("credentials_file replaces ak_*, sk_* and security_token_*; keep one way".into())
+                    return Err(
+                        "credentials_file replaces ak_*, sk_* and security_token_*; keep one way"
+                            .into(),
+                    )
                 }
                 Some(path) => AkSkSpec::File(path.clone()),
                 None => AkSkSpec::Keys {
@@ -582,7 +594,10 @@ credential = "main"
         assert_eq!(config.upstream, UpstreamConfig::default());
         assert_eq!(config.server, ServerConfig::default());
         assert_eq!(config.server.limits(), Limits::default());
-        assert_eq!(config.cache.wait_timeout, CachePolicy::default().wait_timeout);
+        assert_eq!(
+            config.cache.wait_timeout,
+            CachePolicy::default().wait_timeout
+        );
         assert_eq!(config.admin, Some("127.0.0.1:9091".parse().unwrap()));
     }
 
@@ -607,12 +622,19 @@ credential = "main"
 
     #[test]
     fn checks_after_parsing_name_the_line_of_their_key() {
-        let text = format!("{GOOD}\n[upstream]\nconnect_timeout = \"1s\"\nrequest_timeout = \"0s\"\n");
+        let text =
+            format!("{GOOD}\n[upstream]\nconnect_timeout = \"1s\"\nrequest_timeout = \"0s\"\n");
         let e = error(&text);
-        assert!(e.contains("upstream.request_timeout") && e.contains("line 23"), "{e}");
+        assert!(
+            e.contains("upstream.request_timeout") && e.contains("line 23"),
+            "{e}"
+        );
         let text = GOOD.replace("max_bytes", "wait_timeout = \"0ms\"\nmax_bytes");
         let e = error(&text);
-        assert!(e.contains("cache.wait_timeout") && e.contains("line 6"), "{e}");
+        assert!(
+            e.contains("cache.wait_timeout") && e.contains("line 6"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -687,9 +709,7 @@ credential = "main"
     #[test]
     fn parsing_reads_no_secret() {
         // A consumer key from a file that does not exist: parsing only names it.
-        let text = format!(
-            "{GOOD}\n[consumers.ci]\nkey_file = \"/nonexistent/pgw-key\"\n"
-        );
+        let text = format!("{GOOD}\n[consumers.ci]\nkey_file = \"/nonexistent/pgw-key\"\n");
         let config = Config::parse(&text).unwrap();
         assert_eq!(
             config.consumers["ci"].key,
@@ -710,8 +730,13 @@ credential = "main"
         assert!(e.contains("64 hex digits"), "{e}");
         let e = error(&format!("{GOOD}\n[server]\ntls_cert_file = \"c.pem\"\n"));
         assert!(e.contains("go together") && e.contains("line 22"), "{e}");
-        let e = error(&format!("{GOOD}\n[server]\nconsumer_key_header = \"bad header\"\n"));
-        assert!(e.contains("server.consumer_key_header") && e.contains("line 22"), "{e}");
+        let e = error(&format!(
+            "{GOOD}\n[server]\nconsumer_key_header = \"bad header\"\n"
+        ));
+        assert!(
+            e.contains("server.consumer_key_header") && e.contains("line 22"),
+            "{e}"
+        );
         let e = error(&format!("{GOOD}\n[server]\nmax_connections = 0\n"));
         assert!(e.contains("server.max_connections"), "{e}");
         let off = Config::parse(&format!("{GOOD}\n[admin]\nlisten = \"\"\n")).unwrap();

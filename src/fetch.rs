@@ -83,7 +83,9 @@ impl Exchange {
         let client = self.client();
         let credential = &request.credential;
         let mut upstream_request = build(request);
-        let used = self.authorize(request, &mut upstream_request, &client).await?;
+        let used = self
+            .authorize(request, &mut upstream_request, &client)
+            .await?;
         let response = self.send(request.api, &client, upstream_request).await?;
         // A revoked or expired token: refresh once and retry once.
         if response.status == StatusCode::UNAUTHORIZED
@@ -108,12 +110,8 @@ impl Exchange {
             .authorize(&request.project, upstream_request, client)
             .await
             .map_err(|source| {
-                self.metrics.upstream(
-                    request.api.as_str(),
-                    0,
-                    Outcome::Credential,
-                    Duration::ZERO,
-                );
+                self.metrics
+                    .upstream(request.api.as_str(), 0, Outcome::Credential, Duration::ZERO);
                 GatewayError::CredentialUnavailable {
                     project: request.project.clone(),
                     source,
@@ -237,7 +235,9 @@ mod tests {
         assert_eq!(sent["x-request-id"], "req-1");
         let text = metrics.encode();
         assert!(
-            text.contains(r#"pgw_upstream_requests_total{api="drs",status="200",outcome="answered"} 1"#),
+            text.contains(
+                r#"pgw_upstream_requests_total{api="drs",status="200",outcome="answered"} 1"#
+            ),
             "{text}"
         );
     }

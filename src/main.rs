@@ -116,7 +116,11 @@ async fn main() -> ExitCode {
         Command::CheckConfig { config } => {
             return match Config::load(&config) {
                 Ok(checked) => {
-                    println!("{}: ok ({} projects)", config.display(), checked.projects.len());
+                    println!(
+                        "{}: ok ({} projects)",
+                        config.display(),
+                        checked.projects.len()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(error) => {

@@ -244,7 +244,10 @@ mod tests {
         metrics.upstream("drs", 200, Outcome::Answered, Duration::from_millis(3));
         metrics.upstream("drs", 0, Outcome::Timeout, Duration::from_secs(9));
         let text = metrics.encode();
-        assert!(text.contains(r#"pgw_upstream_latency_seconds_count{api="drs"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"pgw_upstream_latency_seconds_count{api="drs"} 1"#),
+            "{text}"
+        );
         assert!(text.contains(r#"outcome="timeout"} 1"#), "{text}");
     }
 }

@@ -123,7 +123,10 @@ impl Gateway {
         let request_id = request_id(request.headers());
         let mut trace = Trace::default();
         let tenants = self.tenants.load();
-        let response = match self.serve(&tenants, &request, &request_id, &mut trace).await {
+        let response = match self
+            .serve(&tenants, &request, &request_id, &mut trace)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
                 trace.error = Some(error.code());

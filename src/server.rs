@@ -241,11 +241,15 @@ impl Server {
                     None => connection(stream, &builder, service, &limits, &activity, stop).await,
                     Some(tls) => {
                         let acceptor = tls.acceptor.load_full();
-                        match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
-                            .await
+                        match tokio::time::timeout(
+                            limits.header_read_timeout,
+                            acceptor.accept(stream),
+                        )
+                        .await
                         {
                             Ok(Ok(stream)) => {
-                                connection(stream, &builder, service, &limits, &activity, stop).await
+                                connection(stream, &builder, service, &limits, &activity, stop)
+                                    .await
                             }
                             Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                             Err(_) => tracing::debug!("TLS handshake timed out"),

@@ -104,7 +104,10 @@ impl Upstream {
     }
 
     /// Sends `request` and reads the whole answer within the request timeout.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<UpstreamResponse, UpstreamError> {
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let exchange = async {
             let response = self
                 .client

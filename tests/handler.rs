@@ -11,15 +11,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
+use parking_lot::Mutex;
 use progress_gateway::app::App;
 use progress_gateway::config::Config;
 use progress_gateway::fetch::{Fetch, FetchFuture, FetchRequest};
 use progress_gateway::tools::{SimFront, PROJECT};
 use progress_gateway::upstream::UpstreamResponse;
-use parking_lot::Mutex;
 use tokio::time::Instant;
 
-const RUNNING: &str = r#"{"id":"j","type":"exportAsset","status":"RUNNING","progress_percent":0.5}"#;
+const RUNNING: &str =
+    r#"{"id":"j","type":"exportAsset","status":"RUNNING","progress_percent":0.5}"#;
 
 /// Answers every fetch from a script (the last answer repeats) after a delay,
 /// and counts the fetches.
@@ -119,7 +120,10 @@ async fn a_running_answer_is_fresh_for_its_ttl_then_fetched_again() {
     let script = Script::new(Duration::from_millis(20), &[(200, RUNNING)]);
     let app = app("[cache]\nrunning_ttl = \"2s\"", &script);
     let first = get(&app, "j").await;
-    assert_eq!((first.status, first.header("x-cache")), (StatusCode::OK, "MISS"));
+    assert_eq!(
+        (first.status, first.header("x-cache")),
+        (StatusCode::OK, "MISS")
+    );
     assert_eq!(first.header("cache-control"), "max-age=2");
 
     tokio::time::advance(Duration::from_millis(1500)).await;
@@ -168,7 +172,10 @@ async fn stale_if_error_serves_the_last_answer_until_its_window_ends() {
 
     tokio::time::advance(Duration::from_secs(5)).await;
     let stale = get(&app, "j").await;
-    assert_eq!((stale.status, stale.header("x-cache")), (StatusCode::OK, "STALE"));
+    assert_eq!(
+        (stale.status, stale.header("x-cache")),
+        (StatusCode::OK, "STALE")
+    );
     assert_eq!(stale.body, fresh.body);
 
     // 1 s fresh + 10 s stale-if-error have passed: the error shows.

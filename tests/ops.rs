@@ -95,7 +95,10 @@ async fn healthz_is_alive_and_readyz_names_projects_without_credentials() {
     let missing = h.admin_get("/other").await;
     assert_eq!(missing.status, 404);
     let message = missing.json()["error_msg"].as_str().unwrap().to_string();
-    assert!(message.contains("/metrics") && !message.contains("/v5/"), "{message}");
+    assert!(
+        message.contains("/metrics") && !message.contains("/v5/"),
+        "{message}"
+    );
     assert!(!missing.header("x-request-id").is_empty());
 }
 

@@ -172,8 +172,13 @@ pub fn gateway_config(
 }
 
 /// The gateway in-process, started through `app` as `serve` starts it.
-pub async fn start_gateway(sim: SocketAddr, token_file: &std::path::Path, running_ttl: &str) -> Running {
-    let config = Config::parse(&gateway_config("127.0.0.1:0", sim, token_file, running_ttl)).unwrap();
+pub async fn start_gateway(
+    sim: SocketAddr,
+    token_file: &std::path::Path,
+    running_ttl: &str,
+) -> Running {
+    let config =
+        Config::parse(&gateway_config("127.0.0.1:0", sim, token_file, running_ttl)).unwrap();
     App::new(config).unwrap().bind().await.unwrap()
 }
 

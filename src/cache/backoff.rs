@@ -58,7 +58,10 @@ mod tests {
         let backoffs = Backoffs::default();
         let now = Instant::now();
         backoffs.start(Api::Drs, "p", now, Duration::from_secs(3));
-        assert_eq!(backoffs.remaining(Api::Drs, "p", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            backoffs.remaining(Api::Drs, "p", now),
+            Some(Duration::from_secs(3))
+        );
         assert_eq!(backoffs.remaining(Api::Roma, "p", now), None, "per API");
         assert_eq!(backoffs.remaining(Api::Drs, "q", now), None, "per project");
         assert_eq!(backoffs.in_force(now), 1);

@@ -129,12 +129,10 @@ pub struct Waiter<T>(watch::Receiver<State<T>>);
 
 impl<T: Clone> Waiter<T> {
     pub async fn wait(mut self, timeout: Duration) -> Result<T, WaitError> {
-        let settled = tokio::time::timeout(
-            timeout,
-            self.0.wait_for(|s| !matches!(s, State::Pending)),
-        )
-        .await
-        .map_err(|_| WaitError::Timeout)?;
+        let settled =
+            tokio::time::timeout(timeout, self.0.wait_for(|s| !matches!(s, State::Pending)))
+                .await
+                .map_err(|_| WaitError::Timeout)?;
         match settled.as_deref() {
             Ok(State::Settled(outcome)) => Ok(outcome.clone()),
             // A closed channel without an outcome is an abort too.
@@ -147,7 +145,9 @@ impl<T: Clone> Waiter<T> {
 mod tests {
     use super::*;
 
-    fn lead(flights: &Flights<u8, &'static str>) -> (Leader<u8, &'static str>, Waiter<&'static str>) {
+    fn lead(
+        flights: &Flights<u8, &'static str>,
+    ) -> (Leader<u8, &'static str>, Waiter<&'static str>) {
         match flights.join(1, || None::<()>) {
             Join::Lead(leader, waiter) => (leader, waiter),
             other => panic!("expected to lead, got {other:?}"),
@@ -176,7 +176,10 @@ mod tests {
             panic!("the fetch panicked");
         });
         assert!(task.await.is_err());
-        assert_eq!(waiter.wait(Duration::from_secs(1)).await, Err(WaitError::Aborted));
+        assert_eq!(
+            waiter.wait(Duration::from_secs(1)).await,
+            Err(WaitError::Aborted)
+        );
         assert!(flights.is_empty(), "the key is not stuck");
     }
 
@@ -184,7 +187,10 @@ mod tests {
     async fn a_waiter_times_out_while_the_flight_goes_on() {
         let flights = Flights::default();
         let (leader, waiter) = lead(&flights);
-        assert_eq!(waiter.wait(Duration::from_secs(1)).await, Err(WaitError::Timeout));
+        assert_eq!(
+            waiter.wait(Duration::from_secs(1)).await,
+            Err(WaitError::Timeout)
+        );
         assert_eq!(flights.len(), 1);
         leader.settle("late");
         assert!(flights.is_empty());
@@ -193,7 +199,10 @@ mod tests {
     #[test]
     fn a_fresh_answer_found_on_recheck_starts_no_flight() {
         let flights: Flights<u8, &str> = Flights::default();
-        assert!(matches!(flights.join(1, || Some("stored")), Join::Found("stored")));
+        assert!(matches!(
+            flights.join(1, || Some("stored")),
+            Join::Found("stored")
+        ));
         assert!(flights.is_empty());
     }
 }

@@ -512,21 +512,12 @@ mod tests {
         let up = Script::new(Duration::ZERO);
         let cache = up.cache(policy());
         up.then(Ok(response(200, RUNNING)));
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Miss
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Miss);
         tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Hit
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Hit);
         assert_eq!(up.calls(), 1);
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Miss
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Miss);
         assert_eq!(up.calls(), 2);
     }
 
@@ -538,10 +529,7 @@ mod tests {
         get(&cache, "j").await.unwrap();
         for _ in 0..100 {
             tokio::time::advance(Duration::from_secs(3600)).await;
-            assert_eq!(
-                get(&cache, "j").await.unwrap().status,
-                CacheStatus::Hit
-            );
+            assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Hit);
         }
         assert_eq!(up.calls(), 1);
     }
@@ -554,10 +542,7 @@ mod tests {
             .then(Ok(response(200, RUNNING)));
         assert_eq!(get(&cache, "j").await.unwrap().stored.status, 404);
         tokio::time::advance(Duration::from_millis(499)).await;
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Hit
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Hit);
         tokio::time::advance(Duration::from_millis(1)).await;
         let answer = get(&cache, "j").await.unwrap();
         assert_eq!(
@@ -621,10 +606,7 @@ mod tests {
         assert!(matches!(*err, GatewayError::WaitTimeout(_)));
         tokio::time::advance(Duration::from_secs(3)).await;
         tokio::task::yield_now().await;
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Hit
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Hit);
         assert_eq!(up.calls(), 1);
     }
 
@@ -709,17 +691,11 @@ mod tests {
         get(&cache, "j").await.unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
         // The 429 falls back to the stale answer and starts a 4 s backoff.
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Stale
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Stale);
         assert_eq!(up.calls(), 2);
         // During the backoff: stale where there is one, 429 where there is none.
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Stale
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Stale);
         let err = get(&cache, "other").await.unwrap_err();
         assert!(
             matches!(*err, GatewayError::Throttled { retry_after, .. } if retry_after == Duration::from_secs(3))
@@ -747,10 +723,7 @@ mod tests {
         up.then(Ok(response(200, RUNNING))).then(Ok(throttled));
         get(&cache, "j").await.unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(
-            get(&cache, "j").await.unwrap().status,
-            CacheStatus::Stale
-        );
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Stale);
         tokio::time::advance(Duration::from_secs(10)).await;
         let err = get(&cache, "j").await.unwrap_err();
         assert!(matches!(*err, GatewayError::Throttled { .. }));
@@ -802,5 +775,4 @@ mod tests {
         assert!(entries < 100 && entries > 0, "{entries} entries");
         assert!(cache.inner.metrics.evictions.get() > 0);
     }
-
 }

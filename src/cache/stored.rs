@@ -112,7 +112,6 @@ impl Stored {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

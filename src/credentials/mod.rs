@@ -67,7 +67,9 @@ pub enum CredentialError {
     #[error("the secret is not a valid HTTP header value")]
     NotHeaderValue,
     /// serde's message could quote the file, so only the expected shape is named.
-    #[error("the credentials file is not {{\"credential\": {{\"access\", \"secret\", ...}}}} JSON")]
+    #[error(
+        "the credentials file is not {{\"credential\": {{\"access\", \"secret\", ...}}}} JSON"
+    )]
     CredentialsFile,
     #[error("expires_at {0:?} is not an RFC 3339 time")]
     BadExpiry(String),
@@ -253,26 +255,27 @@ impl Credential {
         request: &mut Request<Full<Bytes>>,
         client: &Upstream,
     ) -> Result<Used, CredentialError> {
-        let result = match &self.method {
-            Method::Token(source) => source
-                .current()
-                .and_then(|token| token.header_value())
-                .map(|value| {
-                    request.headers_mut().insert("x-auth-token", value);
-                    Used(None)
-                }),
-            Method::IamPassword(iam) => match iam.token(project, client).await {
-                Ok(token) => token.header_value().map(|value| {
-                    request.headers_mut().insert("x-auth-token", value);
-                    Used(Some(token))
-                }),
-                Err(error) => Err(error),
-            },
-            Method::AkSk(aksk) => aksk
-                .keys()
-                .and_then(|keys| sign_request(request, &keys))
-                .map(|()| Used(None)),
-        };
+        let result =
+            match &self.method {
+                Method::Token(source) => source
+                    .current()
+                    .and_then(|token| token.header_value())
+                    .map(|value| {
+                        request.headers_mut().insert("x-auth-token", value);
+                        Used(None)
+                    }),
+                Method::IamPassword(iam) => match iam.token(project, client).await {
+                    Ok(token) => token.header_value().map(|value| {
+                        request.headers_mut().insert("x-auth-token", value);
+                        Used(Some(token))
+                    }),
+                    Err(error) => Err(error),
+                },
+                Method::AkSk(aksk) => aksk
+                    .keys()
+                    .and_then(|keys| sign_request(request, &keys))
+                    .map(|()| Used(None)),
+            };
         if result.is_err() {
             self.counters.failures.inc();
         }
@@ -391,7 +394,10 @@ mod tests {
         let registry = Registry::new(Arc::new(Metrics::new()));
         let specs = BTreeMap::from([("a".to_string(), token("A")), ("b".to_string(), token("B"))]);
         let first = registry.update(&specs);
-        let changed = BTreeMap::from([("a".to_string(), token("A")), ("b".to_string(), token("B2"))]);
+        let changed = BTreeMap::from([
+            ("a".to_string(), token("A")),
+            ("b".to_string(), token("B2")),
+        ]);
         let second = registry.update(&changed);
         assert!(Arc::ptr_eq(&first["a"], &second["a"]), "unchanged: kept");
         assert!(!Arc::ptr_eq(&first["b"], &second["b"]), "changed: rebuilt");
@@ -407,7 +413,10 @@ mod tests {
         let credential = registry.update(&specs)["main"].clone();
         let client = Upstream::new(&Default::default());
         let mut request = Request::new(Full::new(Bytes::new()));
-        let error = credential.authorize("p", &mut request, &client).await.unwrap_err();
+        let error = credential
+            .authorize("p", &mut request, &client)
+            .await
+            .unwrap_err();
         assert!(matches!(error, CredentialError::NotSet { .. }), "{error}");
         assert!(metrics
             .encode()

@@ -2,9 +2,9 @@
 //! signer computes it; pure functions over a request's parts, used by the
 //! `aksk` credential to sign and by the simulator to verify.
 
-use std::time::SystemTime;
 #[cfg(feature = "tools")]
 use std::time::Duration;
+use std::time::SystemTime;
 
 use hmac::{Hmac, Mac};
 use http::HeaderMap;

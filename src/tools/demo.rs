@@ -376,8 +376,7 @@ impl TempDir {
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         ));
-        std::fs::create_dir(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        std::fs::create_dir(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         Ok(TempDir(path))
     }
 }

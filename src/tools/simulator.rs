@@ -30,10 +30,10 @@ use tokio::time::Instant;
 use subtle::ConstantTimeEq;
 
 use crate::credentials::sign;
+use crate::route::{self, Api};
 use crate::server::{Handler, Server};
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
-use crate::route::{self, Api};
 
 /// How the simulator answers; changeable at run time.
 #[derive(Debug, Clone, Serialize, Deserialize)]
