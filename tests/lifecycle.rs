@@ -225,3 +225,57 @@ async fn sighup_applies_a_valid_config_live_and_refuses_an_invalid_one() {
         .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+/// Runs the binary to completion: exit code, stdout, stderr.
+fn run(args: &[&str], env: &[(&str, &std::path::Path)]) -> (Option<i32>, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_progress-gateway"));
+    command.args(args).env_remove("PGW_CONFIG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_names_the_key_and_line_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"nowhere\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("admin.listen") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+
+    // PGW_CONFIG stands in for --config.
+    let sim: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    std::fs::write(&path, config(sim, dir.path(), "", &[PROJECT])).unwrap();
+    let (code, stdout, stderr) = run(&["check-config"], &[("PGW_CONFIG", &path)]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("ok (1 projects)"), "{stdout}");
+}
+
+#[test]
+fn invalid_option_values_are_refused_not_clamped() {
+    let (code, _, stderr) = run(&["demo", "--clients", "0"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--clients"), "{stderr}");
+    let (code, _, stderr) = run(&["demo", "--shortest", "10s", "--longest", "1s"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, stdout, _) = run(&["serve", "--help"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("The config file") && stdout.contains("PGW_CONFIG"),
+        "{stdout}"
+    );
+}
