@@ -5,8 +5,6 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-#[cfg(feature = "tools")]
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use progress_gateway::app::{self, Overrides};
@@ -60,52 +58,10 @@ enum Command {
     /// Show what the gateway does: simulator, gateway and a crowd of pollers,
     /// live progress and a summary. No config, no cloud; ends by itself.
     #[cfg(feature = "tools")]
-    Demo(DemoArgs),
+    Demo(progress_gateway::tools::demo::Options),
     /// Run the simulator of both upstream APIs.
     #[cfg(feature = "tools")]
-    Simulate {
-        /// Address to listen on (port 0 picks one and prints it).
-        #[arg(long, default_value = "127.0.0.1:9000")]
-        listen: SocketAddr,
-        /// Environment variable holding the X-Auth-Token to require (unset: no check).
-        #[arg(long)]
-        token_env: Option<String>,
-        /// How long a job runs after its first poll.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        job_duration: Duration,
-        /// Latency added to every answer.
-        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
-        latency: Duration,
-    },
-}
-
-#[cfg(feature = "tools")]
-#[derive(clap::Args)]
-struct DemoArgs {
-    /// Polling clients.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    clients: u32,
-    /// Jobs they poll.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    jobs: u32,
-    /// When the first job finishes.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    shortest: Duration,
-    /// When the last job finishes (not before `--shortest`).
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    longest: Duration,
-    /// How often each client polls.
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
-    poll_interval: Duration,
-    /// The gateway's running_ttl.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    ttl: Duration,
-    /// Latency the simulated upstream adds.
-    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
-    upstream_latency: Duration,
-    /// Keep polling this long after the last job finished.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    linger: Duration,
+    Simulate(progress_gateway::tools::simulator::Args),
 }
 
 #[tokio::main]
@@ -113,100 +69,72 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::CheckConfig { config } => {
-            return match Config::load(&config) {
-                Ok(checked) => {
-                    println!(
-                        "{}: ok ({} projects)",
-                        config.display(),
-                        checked.projects.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("{}: {}", config.display(), chain(&error));
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            };
-        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(checked) => {
+                println!(
+                    "{}: ok ({} projects)",
+                    config.display(),
+                    checked.projects.len()
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(error) => {
+                return fail(
+                    &format!("{}: {}", config.display(), chain(&error)),
+                    EXIT_CONFIG,
+                )
+            }
+        },
         Command::Serve {
             config,
             listen,
             admin_listen,
         } => {
-            let overrides = Overrides {
-                listen,
-                admin: admin_listen,
-            };
-            app::serve(&config, overrides).await
+            app::serve(
+                &config,
+                Overrides {
+                    listen,
+                    admin: admin_listen,
+                },
+            )
+            .await
         }
         #[cfg(feature = "tools")]
-        Command::Demo(args) => return demo(args).await,
-        #[cfg(feature = "tools")]
-        Command::Simulate {
-            listen,
-            token_env,
-            job_duration,
-            latency,
-        } => {
-            use progress_gateway::tools::simulator::{Behaviour, SimAuth, Simulator};
-            let token = match token_env.map(|var| std::env::var(&var).map_err(|_| var)) {
-                Some(Err(var)) => {
-                    eprintln!("environment variable {var} is not set");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-                Some(Ok(token)) => Some(token),
-                None => None,
+        Command::Demo(options) => {
+            if options.longest < options.shortest {
+                let kind = clap::error::ErrorKind::ValueValidation;
+                <Cli as clap::CommandFactory>::command()
+                    .error(kind, "--longest must not be shorter than --shortest")
+                    .exit();
+            }
+            return match progress_gateway::tools::demo::run(options).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&format!("demo: {error}"), 1),
             };
-            let auth = SimAuth {
-                token,
-                ..SimAuth::default()
-            };
-            let behaviour = Behaviour {
-                job_duration,
-                latency,
-                ..Behaviour::default()
-            };
-            Simulator::new(auth, behaviour).run(listen).await
         }
+        #[cfg(feature = "tools")]
+        Command::Simulate(args) => match args.simulator() {
+            Ok(simulator) => simulator.run(args.listen).await,
+            Err(var) => {
+                return fail(
+                    &format!("environment variable {var} is not set"),
+                    EXIT_CONFIG,
+                )
+            }
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("{}", chain(&error));
-            ExitCode::from(if error.is_config() { EXIT_CONFIG } else { 1 })
-        }
+        Err(error) => fail(
+            &chain(&error),
+            if error.is_config() { EXIT_CONFIG } else { 1 },
+        ),
     }
 }
 
-#[cfg(feature = "tools")]
-async fn demo(args: DemoArgs) -> ExitCode {
-    use clap::CommandFactory;
-    if args.longest < args.shortest {
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::ValueValidation,
-                "--longest must not be shorter than --shortest",
-            )
-            .exit();
-    }
-    let options = progress_gateway::tools::demo::Options {
-        clients: args.clients as usize,
-        jobs: args.jobs as usize,
-        shortest: args.shortest,
-        longest: args.longest,
-        poll_interval: args.poll_interval,
-        ttl: args.ttl,
-        upstream_latency: args.upstream_latency,
-        linger: args.linger,
-    };
-    match progress_gateway::tools::demo::run(options).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("demo: {error}");
-            ExitCode::FAILURE
-        }
-    }
+fn fail(message: &str, code: u8) -> ExitCode {
+    eprintln!("{message}");
+    ExitCode::from(code)
 }
 
 fn init_logging(format: LogFormat) {

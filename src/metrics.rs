@@ -137,37 +137,49 @@ impl Metrics {
             "Upstream answer latency by API",
             m.upstream_latency.clone(),
         );
-        registry.register(
-            "coalesced_waiters",
-            "Requests that shared another request's upstream fetch",
-            m.coalesced.clone(),
-        );
-        registry.register(
-            "cache_evictions",
-            "Answers evicted to stay within the budget",
-            m.evictions.clone(),
-        );
-        registry.register("cache_entries", "Answers stored", m.cache_entries.clone());
-        registry.register(
-            "cache_bytes",
-            "Bytes weighed against the budget",
-            m.cache_bytes.clone(),
-        );
-        registry.register(
-            "upstream_backoffs",
-            "API and project pairs backing off after a 429",
-            m.backoffs.clone(),
-        );
-        registry.register(
-            "credential_refreshes",
-            "Credentials obtained or renewed (IAM tokens)",
-            m.credential_refreshes.clone(),
-        );
-        registry.register(
-            "credential_failures",
-            "Upstream requests that found no usable credential",
-            m.credential_failures.clone(),
-        );
+        for (name, help, counter) in [
+            (
+                "coalesced_waiters",
+                "Requests that shared another request's upstream fetch",
+                &m.coalesced,
+            ),
+            (
+                "cache_evictions",
+                "Answers evicted to stay within the budget",
+                &m.evictions,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        for (name, help, gauge) in [
+            ("cache_entries", "Answers stored", &m.cache_entries),
+            (
+                "cache_bytes",
+                "Bytes weighed against the budget",
+                &m.cache_bytes,
+            ),
+            (
+                "upstream_backoffs",
+                "API and project pairs backing off after a 429",
+                &m.backoffs,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
+        for (name, help, family) in [
+            (
+                "credential_refreshes",
+                "Credentials obtained or renewed (IAM tokens)",
+                &m.credential_refreshes,
+            ),
+            (
+                "credential_failures",
+                "Upstream requests that found no usable credential",
+                &m.credential_failures,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         Metrics {
             registry,
             ..metrics

@@ -232,6 +232,14 @@ async fn a_reload_keeps_cached_answers_and_applies_the_new_ttl() {
     tokio::time::advance(Duration::from_secs(600)).await;
     assert_eq!(get(&app, "j").await.header("x-cache"), "HIT");
     assert_eq!(script.calls(), 1);
+    // Counters counted before the reload are still there.
+    let text = app.metrics().encode();
+    for line in [
+        r#"pgw_requests_total{route="roma",status="200",cache="MISS"} 1"#,
+        r#"pgw_requests_total{route="roma",status="200",cache="HIT"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
 }
 
 #[tokio::test(start_paused = true)]

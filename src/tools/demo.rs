@@ -21,20 +21,31 @@ use super::{SimFront, PROJECT};
 use crate::app::App;
 const TOKEN: &str = "demo-token";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    pub clients: usize,
-    pub jobs: usize,
-    /// The first job finishes after this long, the last after `longest`.
+    /// Polling clients.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub clients: u32,
+    /// Jobs they poll.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub jobs: u32,
+    /// When the first job finishes.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub shortest: Duration,
+    /// When the last job finishes (not before `--shortest`).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub longest: Duration,
-    /// Each client polls its job this often.
+    /// How often each client polls its job.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
-    /// The gateway's `running_ttl`.
+    /// The gateway's running_ttl.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    /// Upstream latency the simulator adds.
+    /// Latency the simulated upstream adds.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     pub upstream_latency: Duration,
-    /// Pollers keep going this long after the last job finished.
+    /// Keep polling this long after the last job finished.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub linger: Duration,
 }
 
@@ -56,6 +67,7 @@ struct Tally {
 
 pub async fn run(options: Options) -> Result<(), String> {
     let started = Instant::now();
+    let (clients, jobs_count) = (options.clients as usize, options.jobs as usize);
     let sim = Simulator::new(
         SimAuth {
             token: Some(TOKEN.into()),
@@ -88,11 +100,11 @@ pub async fn run(options: Options) -> Result<(), String> {
     let gateway_addr = running.proxy;
 
     let jobs: Arc<Vec<Job>> = Arc::new(
-        (0..options.jobs)
+        (0..jobs_count)
             .map(|i| {
                 let spread = options.longest.saturating_sub(options.shortest);
                 let duration =
-                    options.shortest + spread.mul_f64(i as f64 / (options.jobs.max(2) - 1) as f64);
+                    options.shortest + spread.mul_f64(i as f64 / (jobs_count.max(2) - 1) as f64);
                 let id = format!("demo-job-{i:02}_d{}", duration.as_millis());
                 // Alternate the two APIs.
                 let path = if i % 2 == 0 {
@@ -111,8 +123,8 @@ pub async fn run(options: Options) -> Result<(), String> {
     );
     println!(
         "progress-gateway demo: {} clients polling {} jobs every {} ms through the gateway at http://{gateway_addr} (simulated upstream at http://{sim_addr}, {} ms latency, TTL {} ms)",
-        options.clients,
-        options.jobs,
+        clients,
+        jobs_count,
         options.poll_interval.as_millis(),
         options.upstream_latency.as_millis(),
         options.ttl.as_millis()
@@ -121,10 +133,10 @@ pub async fn run(options: Options) -> Result<(), String> {
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(options.clients)
+        .pool_max_idle_per_host(clients)
         .build_http();
     let mut pollers = Vec::new();
-    for c in 0..options.clients {
+    for c in 0..clients {
         let (client, jobs, tally, stop, sim) = (
             client.clone(),
             jobs.clone(),
@@ -137,7 +149,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         pollers.push(tokio::spawn(async move {
             let job = &jobs[c % jobs.len()];
             // Spread the first polls over one interval, as real pollers are.
-            tokio::time::sleep(interval.mul_f64(c as f64 / options.clients as f64)).await;
+            tokio::time::sleep(interval.mul_f64(c as f64 / clients as f64)).await;
             while !stop.load(Ordering::Relaxed) {
                 let sent = Instant::now();
                 let request = Request::get(&url)

@@ -68,6 +68,43 @@ impl Default for Behaviour {
     }
 }
 
+/// `progress-gateway simulate`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on (port 0 picks one and prints it).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Environment variable holding the X-Auth-Token to require (unset: no check).
+    #[arg(long)]
+    pub token_env: Option<String>,
+    /// How long a job runs after its first poll.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub job_duration: Duration,
+    /// Latency added to every answer.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+}
+
+impl Args {
+    /// The simulator these arguments describe, or the variable that is not set.
+    pub fn simulator(&self) -> Result<Simulator, String> {
+        let token = match &self.token_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| var.clone())?),
+            None => None,
+        };
+        let auth = SimAuth {
+            token,
+            ..SimAuth::default()
+        };
+        let behaviour = Behaviour {
+            job_duration: self.job_duration,
+            latency: self.latency,
+            ..Behaviour::default()
+        };
+        Ok(Simulator::new(auth, behaviour))
+    }
+}
+
 /// Which credentials the simulator accepts on job requests (none set: any).
 #[derive(Debug, Clone, Default)]
 pub struct SimAuth {
