@@ -67,7 +67,8 @@ impl Admin {
         let (entries, bytes) = cache.usage();
         self.metrics.cache_entries.set(entries as i64);
         self.metrics.cache_bytes.set(bytes as i64);
-        self.metrics.backoffs.set(cache.backoffs_in_force() as i64);
+        let (throttled, failing) = cache.backoffs_in_force();
+        self.metrics.set_backoffs(throttled, failing);
     }
 
     fn readiness(&self) -> Response<Full<Bytes>> {

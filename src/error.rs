@@ -50,6 +50,13 @@ pub enum GatewayError {
         api: &'static str,
         retry_after: Duration,
     },
+    #[error("upstream {api} is failing for this project; retry after {} s", retry_after_secs(*.retry_after))]
+    UpstreamFailing {
+        api: &'static str,
+        retry_after: Duration,
+    },
+    #[error("this consumer has triggered too many upstream requests; retry after {} s", retry_after_secs(*.retry_after))]
+    ConsumerOverBudget { retry_after: Duration },
     /// A bug: the shared upstream fetch ended without an outcome (it panicked).
     #[error("internal error: the upstream fetch was aborted")]
     FetchAborted,
@@ -83,7 +90,10 @@ impl GatewayError {
                 UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             },
             GatewayError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Throttled { .. } | GatewayError::ConsumerOverBudget { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            GatewayError::UpstreamFailing { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::FetchAborted => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,6 +116,8 @@ impl GatewayError {
             GatewayError::FetchAborted => "PGW.5000",
             GatewayError::WaitTimeout(_) => "PGW.5041",
             GatewayError::Throttled { .. } => "PGW.4290",
+            GatewayError::ConsumerOverBudget { .. } => "PGW.4291",
+            GatewayError::UpstreamFailing { .. } => "PGW.5031",
         }
     }
 
@@ -144,7 +156,9 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             }
-            GatewayError::Throttled { retry_after, .. } => {
+            GatewayError::Throttled { retry_after, .. }
+            | GatewayError::UpstreamFailing { retry_after, .. }
+            | GatewayError::ConsumerOverBudget { retry_after } => {
                 headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
             }
             _ => {}
@@ -200,6 +214,13 @@ mod tests {
             GatewayError::BadRequest("x"),
             GatewayError::WaitTimeout(Duration::from_secs(1)),
             GatewayError::FetchAborted,
+            GatewayError::ConsumerOverBudget {
+                retry_after: Duration::from_secs(1),
+            },
+            GatewayError::UpstreamFailing {
+                api: "drs",
+                retry_after: Duration::from_secs(1),
+            },
             GatewayError::Upstream {
                 api: "drs",
                 source: UpstreamError::Timeout(Duration::from_secs(1)),

@@ -42,6 +42,18 @@ struct CredentialLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabels {
+    /// A consumer's name; `by-address` where no keys are configured, since
+    /// client addresses would make the label unbounded.
+    consumer: String,
+}
+
 type LatencyFamily = Family<ApiLabels, Histogram, fn() -> Histogram>;
 
 /// Why an upstream exchange produced no answer, or that it did.
@@ -92,8 +104,15 @@ pub struct Metrics {
     pub evictions: Counter,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
-    /// (API, project) pairs backing off after a 429.
-    pub backoffs: Gauge,
+    /// (API, project) pairs held back, by cause (`throttled`, `failing`).
+    backoffs: Family<CauseLabels, Gauge>,
+    /// Requests answered from a failure shared within `error_ttl`.
+    pub failures_shared: Counter,
+    /// Requests let through to find out whether upstream recovered.
+    pub probes: Counter,
+    /// Fetches that waited for the upstream budget.
+    pub budget_waits: Counter,
+    consumer_refusals: Family<ConsumerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,7 +137,11 @@ impl Metrics {
             evictions: Counter::default(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
-            backoffs: Gauge::default(),
+            backoffs: Family::default(),
+            failures_shared: Counter::default(),
+            probes: Counter::default(),
+            budget_waits: Counter::default(),
+            consumer_refusals: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -148,6 +171,21 @@ impl Metrics {
                 "Answers evicted to stay within the budget",
                 &m.evictions,
             ),
+            (
+                "failures_shared",
+                "Requests answered from an upstream failure shared within error_ttl",
+                &m.failures_shared,
+            ),
+            (
+                "upstream_probes",
+                "Requests let upstream to see whether a backed-off API recovered",
+                &m.probes,
+            ),
+            (
+                "upstream_budget_waits",
+                "Fetches that waited for the upstream_rate budget",
+                &m.budget_waits,
+            ),
         ] {
             registry.register(name, help, counter.clone());
         }
@@ -158,14 +196,19 @@ impl Metrics {
                 "Bytes weighed against the budget",
                 &m.cache_bytes,
             ),
-            (
-                "upstream_backoffs",
-                "API and project pairs backing off after a 429",
-                &m.backoffs,
-            ),
         ] {
             registry.register(name, help, gauge.clone());
         }
+        registry.register(
+            "upstream_backoffs",
+            "API and project pairs held back, by cause (throttled: a 429; failing: errors)",
+            m.backoffs.clone(),
+        );
+        registry.register(
+            "consumer_refusals",
+            "Requests refused because their consumer used up its fetch budget",
+            m.consumer_refusals.clone(),
+        );
         for (name, help, family) in [
             (
                 "credential_refreshes",
@@ -210,6 +253,24 @@ impl Metrics {
                 .get_or_create(&ApiLabels { api })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    /// Sets the backoffs in force (a state, sampled before export).
+    pub fn set_backoffs(&self, throttled: usize, failing: usize) {
+        for (cause, value) in [("throttled", throttled), ("failing", failing)] {
+            self.backoffs
+                .get_or_create(&CauseLabels { cause })
+                .set(value as i64);
+        }
+    }
+
+    /// A request refused for its consumer's fetch budget.
+    pub fn consumer_refused(&self, consumer: &str) {
+        self.consumer_refusals
+            .get_or_create(&ConsumerLabels {
+                consumer: consumer.to_string(),
+            })
+            .inc();
     }
 
     /// The counters of the credential `name`; the same name gets the same

@@ -16,13 +16,14 @@ use http_body_util::Full;
 use tokio::time::Instant;
 
 use crate::cache::policy::freshness;
-use crate::cache::{Answer, Cache, CacheKey, CacheStatus, Class, Freshness};
+use crate::cache::{Answer, Cache, CacheKey, CacheStatus, Class, Freshness, Scope, StaleReason};
 use crate::consumers::Consumers;
 use crate::credentials::Credential;
 use crate::error::GatewayError;
 use crate::fetch::FetchRequest;
 use crate::metrics::Metrics;
 use crate::route::{self, Api, Route};
+use crate::server::ClientAddr;
 
 /// `max-age` sent for a terminal answer: it will not change, but a day keeps
 /// clients from holding it past a config change of the terminal sets.
@@ -76,6 +77,7 @@ struct Trace<'a> {
     project: Option<&'a str>,
     consumer: Option<&'a str>,
     cache: Option<CacheStatus>,
+    stale: Option<StaleReason>,
     error: Option<&'static str>,
 }
 
@@ -148,6 +150,7 @@ impl Gateway {
             consumer = trace.consumer.unwrap_or("-"),
             status = response.status().as_u16(),
             cache,
+            stale = trace.stale.map_or("-", StaleReason::as_str),
             error = trace.error.unwrap_or("-"),
             latency_us = started.elapsed().as_micros() as u64,
             request_id = %request_id,
@@ -173,10 +176,26 @@ impl Gateway {
             .ok_or_else(|| GatewayError::ProjectNotServed(route.project.to_string()))?;
         let language = language(request.headers())?;
         let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
+        // Fair use: by consumer key where keys are configured, else by address.
+        let address = request
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|a| a.0.ip().to_string());
+        let (consumer, consumer_label) = match trace.consumer {
+            Some(name) => (name, name),
+            None => (address.as_deref().unwrap_or("-"), "by-address"),
+        };
+        let scope = Scope {
+            api: route.api,
+            project: route.project,
+            consumer,
+            consumer_label,
+        };
         // Built only when the cache starts a fetch: a hit builds nothing.
         let fetch = || fetch_request(&route, project, language.as_deref(), request_id);
-        let answer = self.cache.get(key, route.api, route.project, fetch).await?;
+        let answer = self.cache.get(key, scope, fetch).await?;
         trace.cache = Some(answer.status);
+        trace.stale = answer.stale;
         Ok(self.respond(&answer, request, request_id))
     }
 

@@ -28,6 +28,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// The client's address, put into every request's extensions (the proxy
+/// keys fair use by it where no consumer keys are configured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// What a listener serves: one answer per request, never an error (errors
 /// are answers too).
 pub trait Handler: Send + Sync + 'static {
@@ -210,7 +215,7 @@ impl Server {
             };
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
                         tracing::warn!(%error, "accept failed");
@@ -220,11 +225,13 @@ impl Server {
                 },
                 () = shutdown.cancelled() => break,
             };
+            let (stream, peer) = stream;
             let _ = stream.set_nodelay(true);
             let handler = handler.clone();
             let activity = Arc::new(Activity::new());
             let tracked = activity.clone();
-            let service = service_fn(move |request| {
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(ClientAddr(peer));
                 let busy = tracked.begin();
                 let handler = handler.clone();
                 async move {

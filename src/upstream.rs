@@ -113,7 +113,15 @@ impl Upstream {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| UpstreamError::Unreachable(e.into()))?;
+                // Connected and then got something that is not HTTP (garbage,
+                // an SSH banner, a bad header block): unusable, not unreachable.
+                .map_err(|e| {
+                    if e.is_connect() {
+                        UpstreamError::Unreachable(e.into())
+                    } else {
+                        UpstreamError::Invalid(e.into())
+                    }
+                })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, self.max_body)
                 .collect()

@@ -36,7 +36,8 @@ async fn metrics_count_requests_upstream_calls_and_cache_state() {
         "pgw_cache_entries 1",
         "pgw_cache_evictions_total 0",
         "pgw_coalesced_waiters_total 0",
-        "pgw_upstream_backoffs 0",
+        r#"pgw_upstream_backoffs{cause="throttled"} 0"#,
+        r#"pgw_upstream_backoffs{cause="failing"} 0"#,
         r#"pgw_credential_failures_total{credential="main",kind="token"} 0"#,
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");

@@ -6,7 +6,13 @@
 //! - [`stored`]: an answer as kept (one compact allocation).
 //! - [`policy`]: pure decisions: classification, freshness, `Retry-After`.
 //! - [`flight`]: the single flight, with its named end states.
-//! - [`backoff`]: no upstream request for an API and project after a 429.
+//! - [`backoff`]: per API and project, a pause after a 429 or after
+//!   consecutive failures, then one probe at a time.
+//! - [`budget`]: token buckets for the upstream rate and each consumer's fetches.
+//!
+//! A failure is shared like an answer: for `error_ttl` everyone polling that
+//! job gets the stale answer (within `stale_if_error`) or the same error, and
+//! nothing new goes upstream.
 //!
 //! Fetches run in their own task through the [`Fetch`] seam, detached from
 //! the request that started them, so a client that hangs up never cancels
@@ -15,37 +21,130 @@
 //! window has passed.
 
 pub mod backoff;
+pub mod budget;
 pub mod flight;
 pub mod key;
 pub mod policy;
 pub mod stored;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 pub use key::CacheKey;
-pub use policy::{CachePolicy, CacheStatus, Class, Freshness};
+pub use policy::{CachePolicy, CacheStatus, Class, Freshness, StaleReason};
 pub use stored::Stored;
 
-use backoff::Backoffs;
+use backoff::{Admit, Backoffs, Cause};
+use budget::Buckets;
 use flight::{Flights, Join, WaitError};
-use policy::{classify, freshness, retry_after};
+use policy::{classify, failure_backoff, freshness, is_json_object, retry_after};
 
 use crate::error::{retry_after_secs, GatewayError};
 use crate::fetch::{Fetch, FetchRequest};
 use crate::metrics::Metrics;
 use crate::route::Api;
-use crate::upstream::UpstreamResponse;
+use crate::upstream::{UpstreamError, UpstreamResponse};
 
 /// What a lookup gives the client.
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub stored: Stored,
     pub status: CacheStatus,
+    /// Why a stale answer was served (with [`CacheStatus::Stale`]).
+    pub stale: Option<StaleReason>,
+}
+
+impl Answer {
+    fn new(stored: Stored, status: CacheStatus) -> Self {
+        Answer {
+            stored,
+            status,
+            stale: None,
+        }
+    }
+
+    fn stale(stored: Stored, reason: StaleReason) -> Self {
+        Answer {
+            stored,
+            status: CacheStatus::Stale,
+            stale: Some(reason),
+        }
+    }
+}
+
+/// Who asks, for the backoffs and the budgets.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub api: Api,
+    pub project: &'a str,
+    /// The consumer's name where keys are configured, else its address.
+    pub consumer: &'a str,
+    /// The label `consumer` goes by in metrics (bounded: names, or `by-address`).
+    pub consumer_label: &'a str,
+}
+
+/// An upstream failure for one job, shared for `error_ttl`.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// Upstream answered with a 5xx, passed on as it is.
+    Answer(Stored),
+    Error(Arc<GatewayError>),
+}
+
+impl Failure {
+    fn answer(self) -> Result<Answer, Arc<GatewayError>> {
+        match self {
+            // Another request's outcome, shared: collapsed, like a coalesced answer.
+            Failure::Answer(stored) => Ok(Answer::new(stored, CacheStatus::Coalesced)),
+            Failure::Error(error) => Err(error),
+        }
+    }
+}
+
+/// Failures by key, each until its `error_ttl` ends.
+#[derive(Debug, Default)]
+struct Failures {
+    /// parking_lot: held to read or write the map; never poisoned.
+    map: Mutex<HashMap<CacheKey, (Instant, Failure)>>,
+}
+
+impl Failures {
+    fn recent(&self, key: &CacheKey, now: Instant) -> Option<Failure> {
+        let mut map = self.map.lock();
+        if map.is_empty() {
+            return None;
+        }
+        match map.get(key) {
+            Some((until, failure)) if now < *until => Some(failure.clone()),
+            Some(_) => {
+                map.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&self, key: CacheKey, until: Instant, failure: Failure) {
+        let mut map = self.map.lock();
+        if map.len() >= 4096 {
+            let now = Instant::now();
+            map.retain(|_, (until, _)| *until > now);
+        }
+        map.insert(key, (until, failure));
+    }
+
+    fn clear(&self, key: &CacheKey) {
+        let mut map = self.map.lock();
+        if !map.is_empty() {
+            map.remove(key);
+        }
+    }
 }
 
 /// How a shared fetch settled, as every waiter sees it.
@@ -53,8 +152,8 @@ pub struct Answer {
 enum Outcome {
     /// Upstream answered (stored or not, as its class decides).
     Fetched(Stored),
-    /// Upstream failed and an earlier answer stands in for it.
-    Stale(Stored),
+    /// Upstream failed or throttled and an earlier answer stands in for it.
+    Stale(Stored, StaleReason),
     Failed(Arc<GatewayError>),
 }
 
@@ -75,6 +174,11 @@ struct Inner {
     store: moka::sync::Cache<CacheKey, Stored>,
     flights: Flights<CacheKey, Outcome>,
     backoffs: Backoffs,
+    failures: Failures,
+    /// Upstream requests per (API, project), when `upstream_rate` is set.
+    upstream_budget: Buckets<(Api, String)>,
+    /// Fetches each consumer triggered, when `consumer_fetch_rate` is set.
+    consumer_budget: Buckets<String>,
     origin: Arc<dyn Fetch>,
     metrics: Arc<Metrics>,
 }
@@ -145,6 +249,9 @@ impl Cache {
                 store,
                 flights: Flights::default(),
                 backoffs: Backoffs::default(),
+                failures: Failures::default(),
+                upstream_budget: Buckets::default(),
+                consumer_budget: Buckets::default(),
                 origin,
                 metrics,
             }),
@@ -169,125 +276,166 @@ impl Cache {
         )
     }
 
-    /// (API, project) pairs backing off after a 429 now.
-    pub fn backoffs_in_force(&self) -> usize {
+    /// (API, project) pairs held back now: (throttled, failing).
+    pub fn backoffs_in_force(&self) -> (usize, usize) {
         self.inner.backoffs.in_force(Instant::now())
     }
 
-    /// The answer for `key`: stored, shared from a fetch in flight, or fetched
-    /// in a detached task. `request` is called only when a fetch starts, so a
-    /// hit builds nothing.
+    /// The answer for `key`: stored, shared from a fetch in flight or a recent
+    /// failure, or fetched in a detached task. `request` is called only when a
+    /// fetch starts, so a hit builds nothing.
     pub async fn get(
         &self,
         key: CacheKey,
-        api: Api,
-        project: &str,
+        scope: Scope<'_>,
         request: impl FnOnce() -> FetchRequest,
     ) -> Result<Answer, Arc<GatewayError>> {
         let inner = &self.inner;
-        let policy = inner.policy.load();
-        let now = Instant::now();
-        let stored = inner.store.get(&key);
-        let standing = stored
-            .as_ref()
-            .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
-
-        if let (Some(stored), Some(Freshness::Fresh { .. })) = (&stored, standing) {
-            return Ok(Answer {
-                stored: stored.clone(),
-                status: CacheStatus::Hit,
-            });
-        }
-        // Only past a hit: the backoff map sits behind a lock.
-        let backoff = inner.backoffs.remaining(api, project, now);
-        match (stored, standing) {
-            (Some(stored), Some(Freshness::Revalidate)) => {
-                if backoff.is_none() {
-                    // The refresh runs on its own; this request does not wait.
-                    let _ = self.join_or_start(key, api, project, request);
+        let Scope { api, project, .. } = scope;
+        let mut waited_for_probe = false;
+        loop {
+            let policy = inner.policy.load();
+            let now = Instant::now();
+            let stored = inner.store.get(&key);
+            let standing = stored
+                .as_ref()
+                .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
+            if let (Some(stored), Some(Freshness::Fresh { .. })) = (&stored, standing) {
+                return Ok(Answer::new(stored.clone(), CacheStatus::Hit));
+            }
+            // Everything below is past a hit: the maps sit behind locks.
+            // An answer past freshness that may still stand in for upstream.
+            let standby = match standing {
+                Some(Freshness::Revalidate | Freshness::StaleIfError) => stored.clone(),
+                _ => None,
+            };
+            if let Some(failure) = inner.failures.recent(&key, now) {
+                inner.metrics.failures_shared.inc();
+                return match standby {
+                    Some(stale) => Ok(Answer::stale(stale, StaleReason::UpstreamError)),
+                    None => failure.answer(),
+                };
+            }
+            // Subscribed before asking, so a probe landing in between is seen.
+            let mut gate_changes = inner.backoffs.watch();
+            match inner.backoffs.admit(api, project, now, policy.wait_timeout) {
+                Admit::Open => {}
+                Admit::Probe => {
+                    inner.metrics.probes.inc();
                 }
-                return Ok(Answer {
-                    stored,
-                    status: CacheStatus::Stale,
-                });
+                Admit::Closed {
+                    remaining,
+                    cause,
+                    probing,
+                } => {
+                    let reason = match cause {
+                        Cause::Throttled => StaleReason::Throttled,
+                        Cause::Failing => StaleReason::UpstreamError,
+                    };
+                    if let Some(stale) = standby {
+                        return Ok(Answer::stale(stale, reason));
+                    }
+                    // One request probes; without a stale answer, wait for it.
+                    if probing && !waited_for_probe {
+                        waited_for_probe = true;
+                        let wait = remaining.min(policy.wait_timeout);
+                        let _ = tokio::time::timeout(wait, gate_changes.changed()).await;
+                        continue;
+                    }
+                    let retry_after = remaining;
+                    return Err(Arc::new(match cause {
+                        Cause::Throttled => GatewayError::Throttled {
+                            api: api.as_str(),
+                            retry_after,
+                        },
+                        Cause::Failing => GatewayError::UpstreamFailing {
+                            api: api.as_str(),
+                            retry_after,
+                        },
+                    }));
+                }
             }
-            // Throttled: an answer still within stale-if-error beats a 429; an
-            // older one is not served, so a long backoff cannot pin it forever.
-            (Some(stored), Some(Freshness::StaleIfError)) if backoff.is_some() => {
-                return Ok(Answer {
-                    stored,
-                    status: CacheStatus::Stale,
-                })
+            if let (Some(stored), Some(Freshness::Revalidate)) = (stored, standing) {
+                // The refresh runs on its own; this request does not wait.
+                let _ = self.join_or_start(key, scope, request);
+                return Ok(Answer::stale(stored, StaleReason::Revalidating));
             }
-            _ => {}
-        }
-        if let Some(retry_after) = backoff {
-            return Err(Arc::new(GatewayError::Throttled {
-                api: api.as_str(),
-                retry_after,
-            }));
-        }
-
-        let (waiter, leader) = match self.join_or_start(key, api, project, request) {
-            Started::Found(stored) => {
-                return Ok(Answer {
-                    stored,
-                    status: CacheStatus::Hit,
-                })
+            let (waiter, leader) = match self.join_or_start(key, scope, request) {
+                Started::Found(stored) => return Ok(Answer::new(stored, CacheStatus::Hit)),
+                Started::Refused(retry_after) => {
+                    inner.metrics.consumer_refused(scope.consumer_label);
+                    return Err(Arc::new(GatewayError::ConsumerOverBudget { retry_after }));
+                }
+                Started::Waiting(waiter, leader) => (waiter, leader),
+            };
+            if !leader {
+                inner.metrics.coalesced.inc();
             }
-            Started::Waiting(waiter, leader) => (waiter, leader),
-        };
-        if !leader {
-            inner.metrics.coalesced.inc();
-        }
-        let wait = policy.wait_timeout;
-        match waiter.wait(wait).await {
-            Err(WaitError::Timeout) => Err(Arc::new(GatewayError::WaitTimeout(wait))),
-            Err(WaitError::Aborted) => Err(Arc::new(GatewayError::FetchAborted)),
-            Ok(Outcome::Fetched(stored)) => Ok(Answer {
-                stored,
-                status: if leader {
-                    CacheStatus::Miss
-                } else {
-                    CacheStatus::Coalesced
-                },
-            }),
-            Ok(Outcome::Stale(stored)) => Ok(Answer {
-                stored,
-                status: CacheStatus::Stale,
-            }),
-            Ok(Outcome::Failed(error)) => Err(error),
+            let wait = policy.wait_timeout;
+            return match waiter.wait(wait).await {
+                Err(WaitError::Timeout) => Err(Arc::new(GatewayError::WaitTimeout(wait))),
+                Err(WaitError::Aborted) => Err(Arc::new(GatewayError::FetchAborted)),
+                Ok(Outcome::Fetched(stored)) => Ok(Answer::new(
+                    stored,
+                    if leader {
+                        CacheStatus::Miss
+                    } else {
+                        CacheStatus::Coalesced
+                    },
+                )),
+                Ok(Outcome::Stale(stored, reason)) => Ok(Answer::stale(stored, reason)),
+                Ok(Outcome::Failed(error)) => Err(error),
+            };
         }
     }
 
     /// Joins the fetch in flight for `key`, or starts one unless a fresh
-    /// answer landed meanwhile.
+    /// answer landed meanwhile or the consumer has used up its fetch budget.
     fn join_or_start(
         &self,
         key: CacheKey,
-        api: Api,
-        project: &str,
+        scope: Scope<'_>,
         request: impl FnOnce() -> FetchRequest,
     ) -> Started {
         let inner = &self.inner;
+        let policy = inner.policy.load();
         let joined = inner.flights.join(key, || {
-            let stored = inner.store.get(&key)?;
-            let age = Instant::now().duration_since(stored.stored_at);
-            let fresh = matches!(
-                freshness(&inner.policy.load(), stored.class, age),
-                Freshness::Fresh { .. }
-            );
-            fresh.then_some(stored)
+            let now = Instant::now();
+            if let Some(stored) = inner.store.get(&key) {
+                let age = now.duration_since(stored.stored_at);
+                if matches!(
+                    freshness(&policy, stored.class, age),
+                    Freshness::Fresh { .. }
+                ) {
+                    return Some(Started::Found(stored));
+                }
+            }
+            // Only a request that would start a fetch spends its consumer's budget.
+            let rate = policy.consumer_fetch_rate?;
+            let burst = f64::from(policy.consumer_fetch_burst);
+            let consumer = scope.consumer.to_string();
+            inner
+                .consumer_budget
+                .take(&consumer, rate, burst, now)
+                .err()
+                .map(Started::Refused)
         });
         let (leader, waiter) = match joined {
-            Join::Found(stored) => return Started::Found(stored),
+            Join::Found(started) => return started,
             Join::Follow(waiter) => return Started::Waiting(waiter, false),
             Join::Lead(leader, waiter) => (leader, waiter),
         };
         let fetching = inner.origin.clone().fetch(request());
         let inner = self.inner.clone();
-        let project = project.to_string();
+        let (api, project) = (scope.api, scope.project.to_string());
+        let rate = policy.upstream_rate;
         tokio::spawn(async move {
+            if let Some(rate) = rate {
+                let budget = (api, project.clone());
+                if inner.upstream_budget.acquire(&budget, rate, rate).await {
+                    inner.metrics.budget_waits.inc();
+                }
+            }
             // A panic below drops `leader` unsettled: the flight is aborted.
             let result = fetching.await;
             let outcome = inner.settle(&key, api, &project, result);
@@ -301,12 +449,15 @@ impl Cache {
 enum Started {
     /// A fresh answer landed while this request looked: no fetch needed.
     Found(Stored),
+    /// The consumer may trigger no fetch for this long.
+    Refused(Duration),
     /// Waiting on a flight; true if this request started it.
     Waiting(flight::Waiter<Outcome>, bool),
 }
 
 impl Inner {
-    /// Turns a fetch result into what waiters get, storing what may be stored.
+    /// Turns a fetch result into what waiters get: stores what may be
+    /// stored, and tells the backoffs and the failures what happened.
     fn settle(
         &self,
         key: &CacheKey,
@@ -315,39 +466,73 @@ impl Inner {
         result: Result<UpstreamResponse, GatewayError>,
     ) -> Outcome {
         let now = Instant::now();
+        let policy = self.policy.load();
+        // A 200 that is not a JSON object (a captive portal, a WAF page) is
+        // unusable: never stored, never displacing the last good answer.
+        let result = result.and_then(|response| {
+            if response.status == StatusCode::OK && !is_json_object(&response.body) {
+                return Err(GatewayError::Upstream {
+                    api: api.as_str(),
+                    source: UpstreamError::Invalid("a 200 whose body is not a JSON object".into()),
+                });
+            }
+            Ok(response)
+        });
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                return match self.stale_fallback(key, now) {
-                    Some(stale) => Outcome::Stale(stale),
-                    None => Outcome::Failed(Arc::new(error)),
+                let error = Arc::new(error);
+                // No credential is the gateway's own trouble, not upstream's.
+                if matches!(*error, GatewayError::Upstream { .. }) {
+                    self.failed(key, api, project, now, Failure::Error(error.clone()));
                 }
+                return match self.stale_fallback(key, now) {
+                    Some(stale) => Outcome::Stale(stale, StaleReason::UpstreamError),
+                    None => Outcome::Failed(error),
+                };
             }
         };
-        let policy = self.policy.load();
         let class = classify(api, response.status, &response.body, policy.terminal(api));
         let status = response.status;
         let mut stored = Stored::new(&response, class, now);
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry_after(
                 &response.headers,
+                &response.body,
                 SystemTime::now(),
-                policy.retry_after_default,
-                policy.retry_after_max,
+                &policy,
             );
-            self.backoffs.start(api, project, now, wait);
+            self.backoffs.throttled(api, project, now, wait);
             stored = stored.with_retry_after(retry_after_secs(wait));
+            return match self.stale_fallback(key, now) {
+                Some(stale) => Outcome::Stale(stale, StaleReason::Throttled),
+                None => Outcome::Fetched(stored),
+            };
         }
+        if status.is_server_error() {
+            self.failed(key, api, project, now, Failure::Answer(stored.clone()));
+            return match self.stale_fallback(key, now) {
+                Some(stale) => Outcome::Stale(stale, StaleReason::UpstreamError),
+                None => Outcome::Fetched(stored),
+            };
+        }
+        self.backoffs.succeeded(api, project);
+        self.failures.clear(key);
         if class != Class::Uncacheable {
             self.store.insert(*key, stored.clone());
-            return Outcome::Fetched(stored);
-        }
-        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            if let Some(stale) = self.stale_fallback(key, now) {
-                return Outcome::Stale(stale);
-            }
         }
         Outcome::Fetched(stored)
+    }
+
+    /// Remembers a failure for `key` and backs the API and project off.
+    fn failed(&self, key: &CacheKey, api: Api, project: &str, now: Instant, failure: Failure) {
+        let policy = self.policy.load();
+        self.failures.insert(*key, now + policy.error_ttl, failure);
+        let (base, cap) = (policy.error_ttl, policy.failure_backoff_max);
+        // Jitter spreads the replicas' and projects' retries apart.
+        self.backoffs.failed(api, project, now, |failures| {
+            failure_backoff(failures, base, cap).mul_f64(0.5 + fastrand::f64() / 2.0)
+        });
     }
 
     /// An earlier answer that may stand in while upstream fails.
@@ -452,6 +637,11 @@ mod tests {
             self
         }
 
+        /// Replaces the script: from now on upstream answers this.
+        fn now(&self, answer: Result<UpstreamResponse, GatewayError>) {
+            *self.answers.lock() = vec![answer];
+        }
+
         fn calls(&self) -> usize {
             self.calls.load(Ordering::SeqCst)
         }
@@ -488,8 +678,15 @@ mod tests {
         }
     }
 
+    const SCOPE: Scope = Scope {
+        api: Api::Roma,
+        project: "p",
+        consumer: "127.0.0.1",
+        consumer_label: "by-address",
+    };
+
     async fn get(cache: &Cache, job: &str) -> Result<Answer, Arc<GatewayError>> {
-        cache.get(key(job), Api::Roma, "p", fetch_request).await
+        cache.get(key(job), SCOPE, fetch_request).await
     }
 
     fn body(answer: &Answer) -> Bytes {
@@ -552,8 +749,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn errors_and_refusals_are_never_stored() {
-        for status in [401, 403, 500, 502, 503] {
+    async fn refusals_are_never_stored_and_never_back_off() {
+        for status in [401, 403] {
             let up = Script::new(Duration::ZERO);
             let cache = up.cache(policy());
             up.then(Ok(response(status, r#"{"error_code":"X"}"#)));
@@ -566,6 +763,196 @@ mod tests {
             }
             assert_eq!(up.calls(), 3, "status {status}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_shared_for_error_ttl_and_never_stored() {
+        for failure in [
+            Ok(response(503, r#"{"error_code":"X"}"#)),
+            Err(timeout_error()),
+        ] {
+            let up = Script::new(Duration::ZERO);
+            let cache = up.cache(policy());
+            up.then(failure);
+            let first = get(&cache, "j").await;
+            for _ in 0..20 {
+                let shared = get(&cache, "j").await;
+                match (&first, &shared) {
+                    (Ok(a), Ok(b)) => {
+                        assert_eq!(
+                            (b.stored.status, b.status),
+                            (a.stored.status, CacheStatus::Coalesced)
+                        )
+                    }
+                    (Err(a), Err(b)) => assert_eq!(a.code(), b.code()),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(up.calls(), 1);
+            assert_eq!(cache.usage().0, 0, "nothing stored");
+            assert_eq!(cache.inner.metrics.failures_shared.get(), 20);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instantly_failing_upstream_costs_no_more_than_a_healthy_one() {
+        // 20 pollers of K = 1 job every 50 ms for D = 10 s, TTL 1 s.
+        let up = Script::new(Duration::ZERO);
+        let cache = up.cache(policy());
+        up.then(Ok(response(200, RUNNING)));
+        get(&cache, "j").await.unwrap();
+        up.now(Ok(response(503, "{}")));
+        let mut stale = 0;
+        for _ in 0..200 {
+            for _ in 0..20 {
+                let answer = get(&cache, "j").await.expect("the last good answer");
+                assert_eq!(body(&answer), RUNNING);
+                stale += usize::from(answer.status == CacheStatus::Stale);
+            }
+            tokio::time::advance(Duration::from_millis(50)).await;
+        }
+        let bound = 10 / 1 + 1;
+        assert!(
+            up.calls() <= bound,
+            "{} upstream requests, bound {bound}",
+            up.calls()
+        );
+        assert_eq!(stale, 4000 - 400, "stale once the first second passed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_saying_retry_at_once_still_backs_off_for_the_floor() {
+        let up = Script::new(Duration::ZERO);
+        let cache = up.cache(CachePolicy {
+            retry_after_min: Duration::from_secs(1),
+            ..policy()
+        });
+        let mut throttled = response(429, "{}");
+        throttled
+            .headers
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("0"));
+        up.then(Ok(throttled));
+        let answer = get(&cache, "j").await.unwrap();
+        assert_eq!(answer.stored.retry_after().unwrap(), "1");
+        for _ in 0..50 {
+            let err = get(&cache, "other").await.unwrap_err();
+            assert!(matches!(*err, GatewayError::Throttled { .. }), "{err}");
+        }
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_a_backoff_ends_one_request_probes_and_the_rest_keep_their_stale_answer() {
+        let up = Script::new(Duration::from_millis(100));
+        let cache = up.cache(policy());
+        up.then(Ok(response(200, RUNNING)));
+        get(&cache, "j").await.unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        up.now(Ok(response(429, "{}")));
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Stale);
+        // The 3 s default backoff passes; 100 pollers arrive at once.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        up.now(Ok(response(200, RUNNING)));
+        let pollers: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { get(&cache, "j").await.unwrap() })
+            })
+            .collect();
+        let mut stale = 0;
+        for poller in pollers {
+            let answer = poller.await.unwrap();
+            stale += usize::from(answer.stale == Some(StaleReason::Throttled));
+        }
+        assert_eq!(up.calls(), 3, "one probe");
+        assert_eq!(stale, 99);
+        assert_eq!(cache.inner.metrics.probes.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_html_200_never_displaces_the_last_good_answer() {
+        let up = Script::new(Duration::ZERO);
+        let cache = up.cache(policy());
+        up.then(Ok(response(200, RUNNING)));
+        get(&cache, "j").await.unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        up.now(Ok(response(200, "<html>Please log in to the Wi-Fi</html>")));
+        let answer = get(&cache, "j").await.unwrap();
+        assert_eq!(
+            (answer.status, body(&answer)),
+            (CacheStatus::Stale, Bytes::from(RUNNING))
+        );
+        assert_eq!(answer.stale, Some(StaleReason::UpstreamError));
+        // Without an earlier answer it is an unusable answer, 502.
+        let up = Script::new(Duration::ZERO);
+        let cache = up.cache(policy());
+        up.then(Ok(response(200, "<html>Please log in to the Wi-Fi</html>")));
+        let err = get(&cache, "j").await.unwrap_err();
+        assert_eq!((err.status().as_u16(), err.code()), (502, "PGW.5021"));
+        assert_eq!(cache.usage().0, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_over_its_fetch_budget_is_refused_without_touching_upstream() {
+        let up = Script::new(Duration::ZERO);
+        let cache = up.cache(CachePolicy {
+            consumer_fetch_rate: Some(1.0),
+            consumer_fetch_burst: 2,
+            ..policy()
+        });
+        up.then(Ok(response(200, RUNNING)));
+        let greedy = Scope {
+            consumer: "10.0.0.1",
+            ..SCOPE
+        };
+        for job in ["a", "b"] {
+            cache.get(key(job), greedy, fetch_request).await.unwrap();
+        }
+        let err = cache
+            .get(key("c"), greedy, fetch_request)
+            .await
+            .unwrap_err();
+        assert_eq!((err.status().as_u16(), err.code()), (429, "PGW.4291"));
+        // Hits stay free, and other consumers are untouched.
+        cache.get(key("a"), greedy, fetch_request).await.unwrap();
+        let polite = Scope {
+            consumer: "10.0.0.2",
+            ..SCOPE
+        };
+        assert_eq!(
+            cache
+                .get(key("c"), polite, fetch_request)
+                .await
+                .unwrap()
+                .status,
+            CacheStatus::Miss
+        );
+        assert_eq!(up.calls(), 3);
+        assert_eq!(cache.backoffs_in_force(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_upstream_budget_is_never_exceeded() {
+        let up = Script::new(Duration::ZERO);
+        let cache = up.cache(CachePolicy {
+            upstream_rate: Some(5.0),
+            ..policy()
+        });
+        up.then(Ok(response(200, RUNNING)));
+        let started = Instant::now();
+        let misses: Vec<_> = (0..15)
+            .map(|i| {
+                let cache = cache.clone();
+                tokio::spawn(async move { get(&cache, &format!("job{i}")).await.unwrap() })
+            })
+            .collect();
+        for miss in misses {
+            assert_eq!(miss.await.unwrap().status, CacheStatus::Miss);
+        }
+        // 5 at once, then 10 more at 5 per second.
+        assert_eq!(Instant::now() - started, Duration::from_secs(2));
+        assert_eq!(up.calls(), 15);
+        assert!(cache.inner.metrics.budget_waits.get() >= 10);
     }
 
     #[tokio::test(start_paused = true)]
@@ -752,10 +1139,10 @@ mod tests {
         get(&cache, "j").await.unwrap();
         a.await.unwrap().unwrap();
         assert_eq!(cache.inner.metrics.coalesced.get(), 1);
-        assert_eq!(cache.backoffs_in_force(), 1);
+        assert_eq!(cache.backoffs_in_force(), (1, 0));
         assert_eq!(cache.usage().0, 0);
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert_eq!(cache.backoffs_in_force(), 0);
+        assert_eq!(cache.backoffs_in_force(), (0, 0));
     }
 
     #[tokio::test]

@@ -36,6 +36,27 @@ pub enum CacheStatus {
     Stale,
 }
 
+/// Why a stored answer past its freshness was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    /// One refresh is under way (`stale_while_revalidate`).
+    Revalidating,
+    /// Upstream is failing (`stale_if_error`).
+    UpstreamError,
+    /// Upstream is throttling this API and project (`stale_if_error`).
+    Throttled,
+}
+
+impl StaleReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleReason::Revalidating => "revalidating",
+            StaleReason::UpstreamError => "upstream-error",
+            StaleReason::Throttled => "throttled",
+        }
+    }
+}
+
 impl CacheStatus {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,7 +92,18 @@ pub struct CachePolicy {
     /// Longest a request waits for a shared upstream fetch.
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
-    /// Backoff after a 429 that names no `Retry-After`.
+    /// How long an upstream failure for a job (5xx, timeout, transport error,
+    /// unusable answer) is shared by everyone polling it, without a new request.
+    #[serde(with = "humantime_serde")]
+    pub error_ttl: Duration,
+    /// Longest pause after consecutive failures of an API for a project (the
+    /// pause doubles from `error_ttl` with each failure, with jitter).
+    #[serde(with = "humantime_serde")]
+    pub failure_backoff_max: Duration,
+    /// Shortest backoff after a 429, whatever `Retry-After` says (0, a past date).
+    #[serde(with = "humantime_serde")]
+    pub retry_after_min: Duration,
+    /// Backoff after a 429 that names no `Retry-After` and no throttling window.
     #[serde(with = "humantime_serde")]
     pub retry_after_default: Duration,
     /// Upper bound on any backoff, whatever upstream asks for.
@@ -82,6 +114,15 @@ pub struct CachePolicy {
     pub terminal_idle: Option<Duration>,
     /// Memory budget for stored answers.
     pub max_bytes: ByteSize,
+    /// Upstream requests per second the gateway never exceeds per API and
+    /// project (a token bucket; bursts up to one second's worth). Misses beyond
+    /// it wait for a token. None: no budget.
+    pub upstream_rate: Option<f64>,
+    /// Upstream fetches per second one consumer (its key, else its address)
+    /// may trigger; hits and shared fetches are free. None: no limit.
+    pub consumer_fetch_rate: Option<f64>,
+    /// Fetches a consumer may trigger at once before `consumer_fetch_rate` applies.
+    pub consumer_fetch_burst: u32,
     /// DRS `process_status` values that end a job, compared case-insensitively.
     pub drs_terminal: Vec<String>,
     /// ROMA `status` values that end a job, compared case-insensitively.
@@ -96,10 +137,16 @@ impl Default for CachePolicy {
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::from_secs(300),
             wait_timeout: Duration::from_secs(15),
+            error_ttl: Duration::from_secs(1),
+            failure_backoff_max: Duration::from_secs(30),
+            retry_after_min: Duration::from_secs(1),
             retry_after_default: Duration::from_secs(5),
             retry_after_max: Duration::from_secs(300),
             terminal_idle: None,
             max_bytes: ByteSize::mib(256),
+            upstream_rate: None,
+            consumer_fetch_rate: None,
+            consumer_fetch_burst: 20,
             // Sibling DRS v5 async APIs answer pending / success / failed.
             drs_terminal: owned(&["success", "succeeded", "failed", "failure", "fail", "error"]),
             // The SDK documents SUCCEEDED/FAILED; older region docs Success/Finished.
@@ -201,14 +248,16 @@ pub fn freshness(policy: &CachePolicy, class: Class, age: Duration) -> Freshness
 }
 
 /// The backoff a 429 asks for: `Retry-After` as seconds or an HTTP date
-/// (RFC 9110 §10.2.3), else `default`; never more than `max`.
+/// (RFC 9110 §10.2.3); else the window of Huawei's throttling message in the
+/// body; else `default`. Never less than `min` (a `0` or a date already past
+/// must not mean "hammer on") nor more than `max`.
 pub fn retry_after(
     headers: &HeaderMap,
+    body: &[u8],
     now: SystemTime,
-    default: Duration,
-    max: Duration,
+    policy: &CachePolicy,
 ) -> Duration {
-    let parsed = headers
+    let header = headers
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -220,7 +269,51 @@ pub fn retry_after(
                     .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO)),
             }
         });
-    parsed.unwrap_or(default).min(max)
+    header
+        .or_else(|| throttle_window(body))
+        .unwrap_or(policy.retry_after_default)
+        .clamp(
+            policy.retry_after_min,
+            policy.retry_after_max.max(policy.retry_after_min),
+        )
+}
+
+/// The window of Huawei's throttling message in a 429 body, e.g.
+/// `{"error_msg": "policy user over ratelimit,limit:100,time:1 minute"}`.
+pub fn throttle_window(body: &[u8]) -> Option<Duration> {
+    #[derive(Deserialize)]
+    struct Throttled<'a> {
+        #[serde(borrow)]
+        error_msg: std::borrow::Cow<'a, str>,
+    }
+    let message = serde_json::from_slice::<Throttled>(body).ok()?.error_msg;
+    let time = message
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("time:"))?;
+    let (count, unit) = time.trim().split_once(' ')?;
+    let count: u64 = count.trim().parse().ok()?;
+    let unit = match unit.trim().trim_end_matches('s') {
+        "second" => 1,
+        "minute" => 60,
+        "hour" => 3600,
+        "day" => 86_400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(count.saturating_mul(unit)))
+}
+
+/// Whether a 200's body is a JSON object, as every answer of both APIs is.
+/// Anything else (an HTML page from a captive portal or a WAF) is unusable.
+pub fn is_json_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+}
+
+/// The pause after `failures` consecutive failures: `base` doubling with each,
+/// at most `cap`. Callers add jitter.
+pub fn failure_backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    base.saturating_mul(2u32.saturating_pow(doublings)).min(cap)
 }
 
 #[cfg(test)]
@@ -392,26 +485,82 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_reads_seconds_dates_default_and_cap() {
+    fn retry_after_reads_seconds_dates_messages_default_floor_and_cap() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let default = Duration::from_secs(5);
-        let max = Duration::from_secs(60);
+        let policy = CachePolicy {
+            retry_after_min: Duration::from_secs(1),
+            retry_after_default: Duration::from_secs(5),
+            retry_after_max: Duration::from_secs(600),
+            ..CachePolicy::default()
+        };
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
-            retry_after(&h, now, default, max)
+            retry_after(&h, b"", now, &policy)
         };
         assert_eq!(with("7"), Duration::from_secs(7));
         assert_eq!(
             with(&httpdate::fmt_http_date(now + Duration::from_secs(30))),
             Duration::from_secs(30)
         );
+        // A past date and a zero are floored, not "retry at once".
         assert_eq!(
             with(&httpdate::fmt_http_date(now - Duration::from_secs(30))),
-            Duration::ZERO
+            Duration::from_secs(1)
         );
-        assert_eq!(with("3600"), max);
-        assert_eq!(with("soon"), default);
-        assert_eq!(retry_after(&HeaderMap::new(), now, default, max), default);
+        assert_eq!(with("0"), Duration::from_secs(1));
+        assert_eq!(with("18446744073709551615"), Duration::from_secs(600));
+        assert_eq!(with("soon"), Duration::from_secs(5));
+        let message = br#"{"error_code":"APIGW.0308","error_msg":"policy user over ratelimit,limit:100,time:1 minute"}"#;
+        assert_eq!(
+            retry_after(&HeaderMap::new(), message, now, &policy),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            retry_after(&HeaderMap::new(), b"{}", now, &policy),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn throttling_messages_name_their_window() {
+        let window = |m: &str| throttle_window(format!(r#"{{"error_msg":"{m}"}}"#).as_bytes());
+        assert_eq!(
+            window("policy api over ratelimit,limit:2000,time:1 minute"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            window("policy ip over ratelimit,limit:5,time:10 second"),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            window("policy user over ratelimit,limit:1,time:2 hours"),
+            Some(Duration::from_secs(7200))
+        );
+        assert_eq!(window("The throttling threshold has been reached"), None);
+    }
+
+    #[test]
+    fn only_json_objects_are_usable_answers() {
+        assert!(is_json_object(br#" {"status":"RUNNING"}"#));
+        for body in [
+            &b"<html>portal</html>"[..],
+            b"",
+            b"[]",
+            b"{not json",
+            b"\"x\"",
+        ] {
+            assert!(!is_json_object(body), "{:?}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn failure_backoff_doubles_up_to_its_cap() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(30));
+        let at = |n| failure_backoff(n, base, cap).as_secs();
+        assert_eq!(
+            [at(1), at(2), at(3), at(5), at(6), at(1000)],
+            [1, 2, 4, 16, 30, 30]
+        );
     }
 }

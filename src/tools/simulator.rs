@@ -53,6 +53,12 @@ pub struct Behaviour {
     pub force_count: Option<u32>,
     /// `Retry-After` sent with a forced 429.
     pub retry_after: Option<String>,
+    /// `error_msg` of a forced error, e.g. Huawei's throttling message
+    /// `policy user over ratelimit,limit:100,time:1 minute`.
+    pub error_msg: Option<String>,
+    /// The whole body of a forced answer instead of an error body (a page
+    /// that is not JSON is sent as `text/html`, as a captive portal would).
+    pub force_body: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -64,6 +70,8 @@ impl Default for Behaviour {
             force_status: None,
             force_count: None,
             retry_after: None,
+            error_msg: None,
+            force_body: None,
         }
     }
 }
@@ -505,18 +513,38 @@ impl Simulator {
             None => {}
         }
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = behaviour.error_msg.as_deref();
         let mut response = match status {
+            _ if behaviour.force_body.is_some() => {
+                let body = behaviour.force_body.clone().unwrap_or_default();
+                let json = body.trim_start().starts_with('{');
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                *response.status_mut() = status;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(if json {
+                        "application/json"
+                    } else {
+                        "text/html"
+                    }),
+                );
+                response
+            }
             StatusCode::TOO_MANY_REQUESTS => error(
                 status,
                 "APIGW.0308",
-                "The throttling threshold has been reached",
+                message.unwrap_or("The throttling threshold has been reached"),
             ),
             StatusCode::UNAUTHORIZED => error(
                 status,
                 "APIGW.0301",
                 "Incorrect IAM authentication information",
             ),
-            _ => error(status, "SIM.0001", "status forced by the simulator"),
+            _ => error(
+                status,
+                "SIM.0001",
+                message.unwrap_or("status forced by the simulator"),
+            ),
         };
         if let Some(retry_after) = behaviour
             .retry_after
