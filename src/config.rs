@@ -202,6 +202,8 @@ enum RawCredential {
         refresh_margin: Duration,
         #[serde(default = "default_retry_backoff", with = "humantime_serde")]
         retry_backoff: Duration,
+        #[serde(default = "default_min_refresh_interval", with = "humantime_serde")]
+        min_refresh_interval: Duration,
     },
 }
 
@@ -211,6 +213,10 @@ fn default_refresh_margin() -> Duration {
 
 fn default_retry_backoff() -> Duration {
     Duration::from_secs(1)
+}
+
+fn default_min_refresh_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Deserialize)]
@@ -488,6 +494,7 @@ fn credential_spec(raw: &RawCredential) -> Result<CredentialSpec, String> {
             password_file,
             refresh_margin,
             retry_backoff,
+            min_refresh_interval,
         } => CredentialSpec::IamPassword(IamSpec {
             url: base_url(iam_url).map_err(|m| format!("iam_url: {m}"))?,
             user: user.clone(),
@@ -495,6 +502,7 @@ fn credential_spec(raw: &RawCredential) -> Result<CredentialSpec, String> {
             password: source("password", password_env, password_file)?,
             refresh_margin: *refresh_margin,
             retry_backoff: (*retry_backoff).max(Duration::from_millis(10)),
+            min_refresh_interval: *min_refresh_interval,
         }),
     })
 }

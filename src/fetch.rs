@@ -292,6 +292,7 @@ mod tests {
                 password: Origin::File(dir.path().join("pw")),
                 refresh_margin: Duration::from_secs(60),
                 retry_backoff: Duration::from_millis(10),
+                min_refresh_interval: Duration::from_secs(30),
             }),
             metrics.credential("iam", "iam-password"),
         );
@@ -306,5 +307,10 @@ mod tests {
         assert!(metrics
             .encode()
             .contains(r#"pgw_credential_refreshes_total{credential="iam",kind="iam-password"} 2"#));
+
+        // Refused again right away: no second refresh within the interval.
+        sim.revoke_tokens();
+        assert_eq!(exchange.run(&fetch).await.unwrap().status, 401);
+        assert_eq!(sim.iam_calls(), 2, "IAM is not asked again");
     }
 }

@@ -237,6 +237,21 @@ async fn a_reload_while_iam_is_down_keeps_serving_with_the_valid_token() {
 }
 
 #[tokio::test]
+async fn an_upstream_refusing_every_token_cannot_make_the_gateway_hammer_iam() {
+    let h = start_iam(Duration::from_secs(3600), "1m", Behaviour::default()).await;
+    assert_eq!(h.get(&drs_path("warm")).await.status, 200);
+    h.sim.set_behaviour(|b| b.force_status = Some(401));
+    for i in 0..50 {
+        let reply = h.get(&drs_path(&format!("job{i}"))).await;
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.json()["error_code"], "APIGW.0301");
+    }
+    // The first token, and one refresh within min_refresh_interval (30 s).
+    assert_eq!(h.sim.iam_calls(), 2);
+    assert_logs_hold_no_secret();
+}
+
+#[tokio::test]
 async fn an_upstream_401_triggers_one_refresh_and_one_retry() {
     let h = start_iam(Duration::from_secs(3600), "1m", Behaviour::default()).await;
     assert_eq!(h.get(&drs_path("a")).await.status, 200);

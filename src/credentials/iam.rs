@@ -39,6 +39,10 @@ pub struct IamSpec {
     pub refresh_margin: Duration,
     /// First pause after a failed IAM call (doubling up to a minute).
     pub retry_backoff: Duration,
+    /// After an upstream 401, at most one forced refresh per this interval:
+    /// an upstream that refuses every token must not hammer IAM (IAM locks
+    /// accounts that log in too often).
+    pub min_refresh_interval: Duration,
 }
 
 /// Why IAM gave no token. Displays without its cause.
@@ -66,6 +70,8 @@ pub struct IamPassword {
     issued: Counter,
     /// Only to find or add a project's slot.
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// When an upstream 401 last forced a refresh (for any project).
+    last_forced: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +103,7 @@ impl IamPassword {
             spec,
             issued,
             slots: Mutex::default(),
+            last_forced: Mutex::default(),
         }
     }
 
@@ -155,7 +162,9 @@ impl IamPassword {
             }
             Err(error) => {
                 backoff.delay = (backoff.delay * 2).clamp(self.spec.retry_backoff, MAX_BACKOFF);
-                backoff.next_attempt = Some(Instant::now() + backoff.delay);
+                // Jitter, so credentials and replicas do not retry in step.
+                let pause = backoff.delay.mul_f64(0.5 + fastrand::f64() / 2.0);
+                backoff.next_attempt = Some(Instant::now() + pause);
                 let cause = std::error::Error::source(&error).map(ToString::to_string);
                 tracing::warn!(project, %error, ?cause, retry_in = ?backoff.delay, "IAM token refresh failed");
                 let error = Arc::new(error);
@@ -169,7 +178,8 @@ impl IamPassword {
     }
 
     /// Forgets `rejected` if it is still the current token (upstream said 401),
-    /// so the next [`IamPassword::token`] fetches a new one. True if forgotten.
+    /// so the next [`IamPassword::token`] fetches a new one; at most once per
+    /// `min_refresh_interval`. True if a retry is worthwhile.
     pub fn reject(&self, project: &str, rejected: &Secret) -> bool {
         let slot = self.slot(project);
         let mut current = slot.current.lock();
@@ -177,6 +187,14 @@ impl IamPassword {
             .as_ref()
             .is_some_and(|t| t.token.expose() == rejected.expose())
         {
+            let now = Instant::now();
+            let mut last = self.last_forced.lock();
+            if last.is_some_and(|at| now.duration_since(at) < self.spec.min_refresh_interval) {
+                // Refreshed moments ago and refused again: the token is not
+                // the problem. Keep it and pass the 401 on.
+                return false;
+            }
+            *last = Some(now);
             *current = None;
             return true;
         }
