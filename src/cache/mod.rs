@@ -811,7 +811,8 @@ mod tests {
             }
             tokio::time::advance(Duration::from_millis(50)).await;
         }
-        let bound = 10 / 1 + 1;
+        let (k, d, ttl) = (1, 10, 1);
+        let bound = k * (d / ttl + 1);
         assert!(
             up.calls() <= bound,
             "{} upstream requests, bound {bound}",
