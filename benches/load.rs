@@ -6,6 +6,8 @@
 //! 2. herd: 100 clients ask for a fresh key at once, upstream latency 20 ms;
 //! 3. sustained polling: C clients over K running jobs for D seconds, upstream
 //!    requests against the bound K × (D / TTL + 1);
+//!    3b. the same against an upstream failing from the start: (a) instant
+//!    503s, (b) 429 with `Retry-After: 0`, upstream requests against that bound;
 //! 4. memory: RSS per cached terminal entry after filling N entries.
 //!
 //! Servers run on one single-worker runtime and the load generator on another,
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use progress_gateway::cache::{Cache, CacheKey, CachePolicy};
+use progress_gateway::cache::{Cache, CacheKey, CachePolicy, Scope};
 use progress_gateway::credentials::{Credential, CredentialSpec, Origin};
 use progress_gateway::fetch::{Fetch, FetchFuture, FetchRequest};
 use progress_gateway::metrics::{CredentialCounters, Metrics};
@@ -64,6 +66,36 @@ impl Fetch for Terminal {
             })
         })
     }
+}
+
+/// `c` clients poll `k` running jobs through `gateway` for `seconds`, pausing
+/// 50 ms between polls as real pollers do; returns the requests served.
+async fn poll(gateway: SocketAddr, c: usize, k: usize, seconds: u64) -> u64 {
+    let client = client(c);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..c)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!(
+                "http://{gateway}/v2/{PROJECT}/instances/i/assets/jobs/poll{}",
+                i % k
+            );
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    get(&client, &url).await;
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut n = 0;
+    for t in tasks {
+        n += t.await.unwrap();
+    }
+    n
 }
 
 fn rss_bytes() -> u64 {
@@ -216,37 +248,30 @@ fn main() {
     let poll_gateway_running = servers.block_on(start_gateway(poll_sim_addr, &token, "1s"));
     let poll_gateway = poll_gateway_running.proxy;
     let (c, k) = (200usize, 20usize);
-    let served = load.block_on(async {
-        let client = client(c);
-        let deadline = Instant::now() + Duration::from_secs(poll_seconds);
-        let tasks: Vec<_> = (0..c)
-            .map(|i| {
-                let client = client.clone();
-                let url = format!(
-                    "http://{poll_gateway}/v2/{PROJECT}/instances/i/assets/jobs/poll{}",
-                    i % k
-                );
-                tokio::spawn(async move {
-                    let mut n = 0u64;
-                    while Instant::now() < deadline {
-                        get(&client, &url).await;
-                        n += 1;
-                        // Pollers pause between polls, as real ones do.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    n
-                })
-            })
-            .collect();
-        let mut n = 0;
-        for t in tasks {
-            n += t.await.unwrap();
-        }
-        n
-    });
+    let served = load.block_on(poll(poll_gateway, c, k, poll_seconds));
     let bound = k as f64 * (poll_seconds as f64 / ttl + 1.0);
     println!("\n3. sustained polling: C={c} clients over K={k} running jobs for D={poll_seconds} s, TTL {ttl} s");
     println!("   client requests {served}, upstream requests {} (bound K*(D/TTL+1) = {bound:.0}), saved {:.1}%", poll_sim.total(), 100.0 * (1.0 - poll_sim.total() as f64 / served as f64));
+
+    // 3b. The same polling against an upstream that fails from the start.
+    println!("\n3b. upstream failing: C={c} clients over K={k} jobs for D={poll_seconds} s, TTL {ttl} s, no stale answer to fall back on");
+    for (label, status, retry_after) in [
+        ("instant 503", 503u16, None),
+        ("429, Retry-After: 0", 429, Some("0")),
+    ] {
+        let (sim, sim_addr) =
+            servers.block_on(start_simulator(Duration::ZERO, Some("bench-token")));
+        sim.set_behaviour(|b| {
+            b.force_status = Some(status);
+            b.retry_after = retry_after.map(str::to_string);
+        });
+        let running = servers.block_on(start_gateway(sim_addr, &token, "1s"));
+        let served = load.block_on(poll(running.proxy, c, k, poll_seconds));
+        println!(
+            "   {label:<22} client requests {served}, upstream requests {} (healthy bound {bound:.0})",
+            sim.total()
+        );
+    }
 
     // 4. Memory per cached terminal entry.
     let body = Bytes::from(format!(
@@ -287,8 +312,12 @@ fn main() {
             cache
                 .get(
                     CacheKey::new(&route, None, "token:main"),
-                    Api::Roma,
-                    PROJECT,
+                    Scope {
+                        api: Api::Roma,
+                        project: PROJECT,
+                        consumer: "bench",
+                        consumer_label: "bench",
+                    },
                     request,
                 )
                 .await

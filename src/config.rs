@@ -408,25 +408,118 @@ impl Config {
     }
 }
 
-/// Checks on `[server]`, `[upstream]` and `[cache]` that serde cannot express.
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Checks on `[server]`, `[upstream]` and `[cache]` that serde cannot express:
+/// every duration within a sane range, so that no value from the file can
+/// overflow the arithmetic done with it or make the gateway wait for ever.
 fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError> {
-    let positive = [
-        ("cache", "wait_timeout", raw.cache.wait_timeout),
-        ("upstream", "request_timeout", raw.upstream.request_timeout),
+    let (c, u, s) = (&raw.cache, &raw.upstream, &raw.server);
+    let zero = Duration::ZERO;
+    let one_ms = Duration::from_millis(1);
+    let ranges = [
+        ("cache", "running_ttl", c.running_ttl, zero, 7 * DAY),
+        ("cache", "not_found_ttl", c.not_found_ttl, zero, 7 * DAY),
+        (
+            "cache",
+            "stale_while_revalidate",
+            c.stale_while_revalidate,
+            zero,
+            7 * DAY,
+        ),
+        ("cache", "stale_if_error", c.stale_if_error, zero, 7 * DAY),
+        ("cache", "wait_timeout", c.wait_timeout, one_ms, 10 * MINUTE),
+        ("cache", "error_ttl", c.error_ttl, zero, HOUR),
+        (
+            "cache",
+            "failure_backoff_max",
+            c.failure_backoff_max,
+            zero,
+            DAY,
+        ),
+        ("cache", "retry_after_min", c.retry_after_min, zero, DAY),
+        (
+            "cache",
+            "retry_after_default",
+            c.retry_after_default,
+            zero,
+            DAY,
+        ),
+        ("cache", "retry_after_max", c.retry_after_max, zero, DAY),
+        (
+            "cache",
+            "terminal_idle",
+            c.terminal_idle.unwrap_or(zero),
+            zero,
+            365 * DAY,
+        ),
+        (
+            "upstream",
+            "connect_timeout",
+            u.connect_timeout,
+            one_ms,
+            10 * MINUTE,
+        ),
+        (
+            "upstream",
+            "request_timeout",
+            u.request_timeout,
+            one_ms,
+            10 * MINUTE,
+        ),
+        (
+            "upstream",
+            "pool_idle_timeout",
+            u.pool_idle_timeout,
+            zero,
+            DAY,
+        ),
+        (
+            "server",
+            "header_read_timeout",
+            s.header_read_timeout,
+            one_ms,
+            HOUR,
+        ),
+        ("server", "idle_timeout", s.idle_timeout, one_ms, DAY),
+        ("server", "drain_timeout", s.drain_timeout, zero, HOUR),
     ];
-    for (section, key, value) in positive {
-        if value.is_zero() {
-            return Err(text.at(section, key, "must be more than zero"));
+    for (section, key, value, min, max) in ranges {
+        if value < min || value > max {
+            let (min, max) = (
+                humantime::format_duration(min),
+                humantime::format_duration(max),
+            );
+            return Err(text.at(section, key, format!("must be from {min} to {max}")));
         }
     }
-    let server = &raw.server;
-    if server.max_connections == 0 {
+    if c.retry_after_min > c.retry_after_max {
+        return Err(text.at(
+            "cache",
+            "retry_after_min",
+            "must not exceed retry_after_max",
+        ));
+    }
+    for (key, rate) in [
+        ("upstream_rate", c.upstream_rate),
+        ("consumer_fetch_rate", c.consumer_fetch_rate),
+    ] {
+        if rate.is_some_and(|r| !(0.001..=1_000_000.0).contains(&r)) {
+            return Err(text.at("cache", key, "must be from 0.001 to 1000000 per second"));
+        }
+    }
+    if c.consumer_fetch_burst == 0 {
+        return Err(text.at("cache", "consumer_fetch_burst", "must be at least 1"));
+    }
+    if s.max_connections == 0 {
         return Err(text.at("server", "max_connections", "must be at least 1"));
     }
-    if http::HeaderName::from_bytes(server.consumer_key_header.as_bytes()).is_err() {
+    if http::HeaderName::from_bytes(s.consumer_key_header.as_bytes()).is_err() {
         return Err(text.at("server", "consumer_key_header", "not a valid header name"));
     }
-    match (&server.tls_cert_file, &server.tls_key_file) {
+    match (&s.tls_cert_file, &s.tls_key_file) {
         (Some(_), None) => Err(text.at(
             "server",
             "tls_cert_file",
@@ -643,6 +736,27 @@ credential = "main"
             e.contains("cache.wait_timeout") && e.contains("line 6"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn durations_and_rates_out_of_range_are_refused_with_their_line() {
+        for (line, expect) in [
+            (
+                "retry_after_max = \"300000000000years\"",
+                "cache.retry_after_max",
+            ),
+            ("not_found_ttl = \"30days\"", "cache.not_found_ttl"),
+            ("upstream_rate = 0", "cache.upstream_rate"),
+            ("consumer_fetch_rate = -1", "cache.consumer_fetch_rate"),
+            (
+                "retry_after_min = \"10m\"\nretry_after_max = \"1m\"",
+                "cache.retry_after_min",
+            ),
+        ] {
+            let text = GOOD.replace("max_bytes", &format!("{line}\nmax_bytes"));
+            let e = error(&text);
+            assert!(e.contains(expect) && e.contains("line 6"), "{line}: {e}");
+        }
     }
 
     #[test]
