@@ -510,6 +510,10 @@ fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError>
             return Err(text.at("cache", key, "must be from 0.001 to 1000000 per second"));
         }
     }
+    // A stored answer keeps its body length in 32 bits; 64 MiB is plenty.
+    if !(1..=64 * 1024 * 1024).contains(&u.max_body.as_u64()) {
+        return Err(text.at("upstream", "max_body", "must be from 1 B to 64 MiB"));
+    }
     if c.consumer_fetch_burst == 0 {
         return Err(text.at("cache", "consumer_fetch_burst", "must be at least 1"));
     }

@@ -51,7 +51,7 @@ async fn an_instant_503_is_shared_not_multiplied() {
 #[tokio::test]
 async fn a_429_saying_retry_now_or_naming_a_past_date_still_backs_off() {
     for retry_after in ["0", "Thu, 01 Jan 2004 00:00:00 GMT"] {
-        let h = start("[cache]\nretry_after_min = \"1h\"").await;
+        let h = start("[cache]\nretry_after_min = \"1h\"\nretry_after_max = \"1h\"").await;
         h.sim.set_behaviour(|b| {
             b.force_status = Some(429);
             b.retry_after = Some(retry_after.into());
