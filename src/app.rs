@@ -358,10 +358,7 @@ fn tenants(
             (p.id.clone(), project)
         })
         .collect();
-    Tenants {
-        projects,
-        consumers,
-    }
+    Tenants::new(projects, consumers)
 }
 
 /// Obtains every project's credential ahead of the first request, logging

@@ -101,6 +101,12 @@ impl Consumers {
         self.list.is_empty()
     }
 
+    /// The header clients send their key in, when keys are configured (an
+    /// answer then varies by it).
+    pub fn header(&self) -> Option<&HeaderName> {
+        (!self.list.is_empty()).then_some(&self.header)
+    }
+
     /// The consumer that may use `project` (None when the gateway is open).
     pub fn check(&self, headers: &HeaderMap, project: &str) -> Result<Option<&str>, GatewayError> {
         if self.list.is_empty() {

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -15,8 +14,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body_util::Full;
 use tokio::time::Instant;
 
-use crate::cache::policy::freshness;
-use crate::cache::{Answer, Cache, CacheKey, CacheStatus, Class, Freshness, Scope, StaleReason};
+use crate::cache::{Answer, Cache, CacheKey, CachePolicy, CacheStatus, Class, Scope, StaleReason};
 use crate::consumers::Consumers;
 use crate::credentials::Credential;
 use crate::error::GatewayError;
@@ -25,9 +23,12 @@ use crate::metrics::Metrics;
 use crate::route::{self, Api, Route};
 use crate::server::ClientAddr;
 
-/// `max-age` sent for a terminal answer: it will not change, but a day keeps
-/// clients from holding it past a config change of the terminal sets.
-const TERMINAL_MAX_AGE: &str = "max-age=86400";
+/// A terminal answer will not change, but a day keeps clients from holding
+/// it past a config change of the terminal sets. Answers are per credential
+/// (and consumer), so no shared cache may keep them: `private`.
+const TERMINAL_CACHE_CONTROL: &str = "private, max-age=86400, immutable";
+
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -58,6 +59,24 @@ pub struct Tenants {
     /// By project ID.
     pub projects: HashMap<String, Project>,
     pub consumers: Consumers,
+    /// What answers vary by: the language, and the consumer key when keys
+    /// are configured (both are part of the cache key).
+    vary: HeaderValue,
+}
+
+impl Tenants {
+    pub fn new(projects: HashMap<String, Project>, consumers: Consumers) -> Self {
+        let vary = match consumers.header() {
+            Some(key) => HeaderValue::from_str(&format!("X-Language, {key}"))
+                .expect("a header name is a valid header value"),
+            None => HeaderValue::from_static("X-Language"),
+        };
+        Tenants {
+            projects,
+            consumers,
+            vary,
+        }
+    }
 }
 
 /// The proxy's request handler: the tenants (swapped on reload), the cache
@@ -196,7 +215,7 @@ impl Gateway {
         let answer = self.cache.get(key, scope, fetch).await?;
         trace.cache = Some(answer.status);
         trace.stale = answer.stale;
-        Ok(self.respond(&answer, request, request_id))
+        Ok(self.respond(&answer, request, request_id, &tenants.vary))
     }
 
     fn respond<B>(
@@ -204,18 +223,27 @@ impl Gateway {
         answer: &Answer,
         request: &Request<B>,
         request_id: &str,
+        vary: &HeaderValue,
     ) -> Response<Full<Bytes>> {
         let stored = &answer.stored;
         let cacheable = stored.class != Class::Uncacheable;
         let age = Instant::now().saturating_duration_since(stored.stored_at);
+        let policy = self.cache.policy();
         let etag = stored.etag();
-        let not_modified = cacheable && etag_matches(request.headers(), &etag);
+        // Conditional requests apply to 2xx answers only (RFC 9110 §13.1.2).
+        let not_modified =
+            cacheable && stored.status.is_success() && etag_matches(request.headers(), &etag);
 
         let mut response = Response::new(Full::new(Bytes::new()));
         // Sized for the headers below, so inserting never regrows the map.
-        *response.headers_mut() = HeaderMap::with_capacity(12);
+        *response.headers_mut() = HeaderMap::with_capacity(14);
         let headers = response.headers_mut();
         headers.insert(X_CACHE, HeaderValue::from_static(answer.status.as_str()));
+        // Remaining freshness in whole seconds, rounded down: negative once stale.
+        let ttl = policy.fresh_for(stored.class).map(|lifetime| {
+            (lifetime.as_millis() as i64 - age.as_millis() as i64).div_euclid(1000)
+        });
+        headers.insert(CACHE_STATUS, cache_status(answer, ttl));
         headers.insert(
             X_REQUEST_ID,
             stored
@@ -226,12 +254,12 @@ impl Gateway {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(X_GATEWAY_REQUEST_ID, id);
         }
+        headers.insert(header::VARY, vary.clone());
         if cacheable {
+            // RFC 9111 §4.2: max-age is the freshness lifetime, Age the age;
+            // a downstream cache subtracts one from the other.
             headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
-            headers.insert(
-                header::CACHE_CONTROL,
-                cache_control(self, stored.class, age),
-            );
+            headers.insert(header::CACHE_CONTROL, cache_control(&policy, stored.class));
             headers.insert(header::ETAG, etag);
         } else {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -276,13 +304,47 @@ fn fetch_request(
     }
 }
 
-fn cache_control(gateway: &Gateway, class: Class, age: Duration) -> HeaderValue {
-    match freshness(&gateway.cache.policy(), class, age) {
-        Freshness::Fresh { remaining: None } => HeaderValue::from_static(TERMINAL_MAX_AGE),
-        Freshness::Fresh {
-            remaining: Some(left),
-        } => HeaderValue::from_str(&format!("max-age={}", left.as_secs())).expect("digits"),
-        _ => HeaderValue::from_static("max-age=0"),
+/// `Cache-Control` for a stored answer of `class`: its freshness lifetime.
+fn cache_control(policy: &CachePolicy, class: Class) -> HeaderValue {
+    match policy.fresh_for(class) {
+        None => HeaderValue::from_static(TERMINAL_CACHE_CONTROL),
+        Some(lifetime) => {
+            HeaderValue::from_str(&format!("private, max-age={}", lifetime.as_secs()))
+                .expect("digits")
+        }
+    }
+}
+
+/// `Cache-Status` (RFC 9211): a hit with its remaining freshness in seconds
+/// (`ttl`, none for a finished job, negative once stale, with why it was
+/// served as `detail`), or a forward to upstream, `collapsed` when the request
+/// shared another's fetch.
+fn cache_status(answer: &Answer, ttl: Option<i64>) -> HeaderValue {
+    const HIT: &str = "progress-gateway; hit";
+    let stored = answer.stored.class != Class::Uncacheable;
+    match answer.status {
+        CacheStatus::Hit => match ttl {
+            None => HeaderValue::from_static(HIT),
+            Some(ttl) => HeaderValue::from_str(&format!("{HIT}; ttl={ttl}")).expect("digits"),
+        },
+        CacheStatus::Stale => {
+            let detail = answer.stale.map_or("stale", StaleReason::as_str);
+            let ttl = ttl.unwrap_or(-1).min(-1);
+            HeaderValue::from_str(&format!("{HIT}; ttl={ttl}; detail={detail}")).expect("tokens")
+        }
+        CacheStatus::Miss | CacheStatus::Coalesced => {
+            let status = answer.stored.status.as_u16();
+            let collapsed = if answer.status == CacheStatus::Coalesced {
+                "; collapsed"
+            } else {
+                ""
+            };
+            let stored = if stored { "; stored" } else { "" };
+            HeaderValue::from_str(&format!(
+                "progress-gateway; fwd=miss; fwd-status={status}{stored}{collapsed}"
+            ))
+            .expect("tokens")
+        }
     }
 }
 

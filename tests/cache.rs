@@ -59,7 +59,10 @@ async fn terminal_result_is_fetched_once_and_never_again() {
             reply.header("x-cache"),
             if window == 0 { "MISS" } else { "HIT" }
         );
-        assert_eq!(reply.header("cache-control"), "max-age=86400");
+        assert_eq!(
+            reply.header("cache-control"),
+            "private, max-age=86400, immutable"
+        );
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     assert_eq!(h.sim.requests(&path), 1);

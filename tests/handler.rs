@@ -124,7 +124,7 @@ async fn a_running_answer_is_fresh_for_its_ttl_then_fetched_again() {
         (first.status, first.header("x-cache")),
         (StatusCode::OK, "MISS")
     );
-    assert_eq!(first.header("cache-control"), "max-age=2");
+    assert_eq!(first.header("cache-control"), "private, max-age=2");
 
     tokio::time::advance(Duration::from_millis(1500)).await;
     let hit = get(&app, "j").await;
@@ -254,4 +254,76 @@ async fn a_fetch_that_panics_is_a_500_with_its_own_code() {
     // The key is not stuck: the next request fetches again.
     script.then(200, RUNNING);
     assert_eq!(get(&app, "j").await.header("x-cache"), "MISS");
+}
+
+async fn get_with(app: &App, job: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::get(path(job));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    read(
+        app.gateway()
+            .answer(request.body(Empty::<Bytes>::new()).unwrap())
+            .await,
+    )
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn caching_headers_tell_downstream_caches_and_clients_the_truth() {
+    let script = Script::new(Duration::from_millis(10), &[(200, RUNNING)]);
+    let app = Arc::new(app("[cache]\nrunning_ttl = \"6s\"", &script));
+    let first = get(&app, "j").await;
+    assert_eq!(
+        first.header("cache-status"),
+        "progress-gateway; fwd=miss; fwd-status=200; stored"
+    );
+    assert_eq!(first.header("vary"), "X-Language");
+
+    // RFC 9111 §4.2: at 3.3 s, Age 3 and max-age the lifetime, not the rest.
+    tokio::time::advance(Duration::from_millis(3300)).await;
+    let hit = get(&app, "j").await;
+    assert_eq!(hit.header("age"), "3");
+    assert_eq!(hit.header("cache-control"), "private, max-age=6");
+    assert_eq!(hit.header("cache-status"), "progress-gateway; hit; ttl=2");
+
+    // Two requests sharing one fetch: the second says so.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let (a, b) = tokio::join!(get(&app, "j"), get(&app, "j"));
+    let statuses = [a.header("cache-status"), b.header("cache-status")];
+    assert!(
+        statuses.iter().any(|s| s.ends_with("; collapsed")),
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn conditional_requests_apply_to_successful_answers_only() {
+    let script = Script::new(Duration::ZERO, &[(404, r#"{"error_code":"DRS.0404"}"#)]);
+    let app = app("", &script);
+    let missing = get(&app, "gone").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let etag = missing.header("etag").to_string();
+    for tag in [etag.as_str(), "*"] {
+        let again = get_with(&app, "gone", &[("if-none-match", tag)]).await;
+        assert_eq!(again.status, StatusCode::NOT_FOUND, "If-None-Match: {tag}");
+        assert!(!again.body.is_empty());
+    }
+    script.then(200, RUNNING);
+    let found = get(&app, "found").await;
+    let etag = found.header("etag").to_string();
+    let again = get_with(&app, "found", &[("if-none-match", &etag)]).await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_vary_by_the_consumer_key_when_keys_are_configured() {
+    use sha2::Digest;
+    let script = Script::new(Duration::ZERO, &[(200, RUNNING)]);
+    let digest = hex::encode(sha2::Sha256::digest(b"ci-key"));
+    let config = config(&format!("[consumers.ci]\nkey_sha256 = \"{digest}\""));
+    let app = App::with_origin(config, script.clone()).unwrap();
+    let reply = get_with(&app, "j", &[("x-gateway-key", "ci-key")]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("vary"), "X-Language, x-gateway-key");
 }
