@@ -208,17 +208,27 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
 #[tokio::test(start_paused = true)]
 async fn a_429_backs_off_its_api_and_project_until_retry_after_passes() {
     let script = Script::new(Duration::ZERO, &[(429, r#"{"error_code":"APIGW.0308"}"#)]);
-    let app = app("[cache]\nretry_after_default = \"4s\"", &script);
+    let app = app(
+        "[cache]\nretry_after_default = \"20s\"\nwait_timeout = \"5s\"",
+        &script,
+    );
     assert_eq!(get(&app, "a").await.status, StatusCode::TOO_MANY_REQUESTS);
     script.then(200, RUNNING);
+    // The pause ends beyond wait_timeout: refused at once, upstream untouched.
     tokio::time::advance(Duration::from_millis(2500)).await;
+    let asked = Instant::now();
     let refused = get(&app, "b").await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(refused.header("retry-after"), "2");
+    assert_eq!(refused.header("retry-after"), "18");
     assert!(!refused.header("x-request-id").is_empty());
-    assert_eq!(script.calls(), 1, "refused without asking upstream");
-    tokio::time::advance(Duration::from_millis(1500)).await;
-    assert_eq!(get(&app, "b").await.status, StatusCode::OK);
+    assert_eq!(Instant::now(), asked);
+    assert_eq!(script.calls(), 1);
+    // Within wait_timeout of its end: held, and answered after the probe.
+    tokio::time::advance(Duration::from_millis(14_000)).await;
+    let asked = Instant::now();
+    let held = get(&app, "b").await;
+    assert_eq!(held.status, StatusCode::OK);
+    assert_eq!(Instant::now() - asked, Duration::from_millis(3500));
     assert_eq!(script.calls(), 2);
 }
 

@@ -292,7 +292,8 @@ impl Cache {
     ) -> Result<Answer, Arc<GatewayError>> {
         let inner = &self.inner;
         let Scope { api, project, .. } = scope;
-        let mut waited_for_probe = false;
+        let deadline = Instant::now() + inner.policy.load().wait_timeout;
+        let mut holds = 0;
         loop {
             let policy = inner.policy.load();
             let now = Instant::now();
@@ -335,10 +336,14 @@ impl Cache {
                     if let Some(stale) = standby {
                         return Ok(Answer::stale(stale, reason));
                     }
-                    // One request probes; without a stale answer, wait for it.
-                    if probing && !waited_for_probe {
-                        waited_for_probe = true;
-                        let wait = remaining.min(policy.wait_timeout);
+                    // Without a stale answer, hold the request while the pause
+                    // ends within wait_timeout (or another request probes) and
+                    // answer after the probe: the official SDKs turn any 429
+                    // into an opaque error, so an answer a little late is better.
+                    let left = deadline.saturating_duration_since(now);
+                    if (probing || remaining <= left) && !left.is_zero() && holds < 8 {
+                        holds += 1;
+                        let wait = remaining.min(left);
                         let _ = tokio::time::timeout(wait, gate_changes.changed()).await;
                         continue;
                     }
@@ -826,6 +831,8 @@ mod tests {
         let up = Script::new(Duration::ZERO);
         let cache = up.cache(CachePolicy {
             retry_after_min: Duration::from_secs(1),
+            // Shorter than the floor: requests are refused, not held.
+            wait_timeout: Duration::from_millis(500),
             ..policy()
         });
         let mut throttled = response(429, "{}");
@@ -1068,7 +1075,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn upstream_429_backs_off_serves_stale_and_then_recovers() {
         let up = Script::new(Duration::ZERO);
-        let cache = up.cache(policy());
+        // Waits shorter than the backoff: requests are refused, not held.
+        let cache = up.cache(CachePolicy {
+            wait_timeout: Duration::from_secs(1),
+            ..policy()
+        });
         let mut throttled = response(429, r#"{"error_code":"APIGW.0308"}"#);
         throttled
             .headers
