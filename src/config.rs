@@ -421,6 +421,7 @@ fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError>
     let one_ms = Duration::from_millis(1);
     let ranges = [
         ("cache", "running_ttl", c.running_ttl, zero, 7 * DAY),
+        ("cache", "refresh_ahead", c.refresh_ahead, zero, HOUR),
         ("cache", "not_found_ttl", c.not_found_ttl, zero, 7 * DAY),
         (
             "cache",

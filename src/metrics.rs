@@ -112,6 +112,8 @@ pub struct Metrics {
     pub probes: Counter,
     /// Fetches that waited for the upstream budget.
     pub budget_waits: Counter,
+    /// Background refreshes of polled running jobs ahead of their window's end.
+    pub refreshes_ahead: Counter,
     consumer_refusals: Family<ConsumerLabels, Counter>,
 }
 
@@ -141,6 +143,7 @@ impl Metrics {
             failures_shared: Counter::default(),
             probes: Counter::default(),
             budget_waits: Counter::default(),
+            refreshes_ahead: Counter::default(),
             consumer_refusals: Family::default(),
             registry: Registry::default(),
         };
@@ -185,6 +188,11 @@ impl Metrics {
                 "upstream_budget_waits",
                 "Fetches that waited for the upstream_rate budget",
                 &m.budget_waits,
+            ),
+            (
+                "refreshes_ahead",
+                "Background refreshes of polled running jobs before their window ends",
+                &m.refreshes_ahead,
             ),
         ] {
             registry.register(name, help, counter.clone());

@@ -28,6 +28,7 @@ pub mod policy;
 pub mod stored;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -302,6 +303,12 @@ impl Cache {
                 .as_ref()
                 .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
             if let (Some(stored), Some(Freshness::Fresh { .. })) = (&stored, standing) {
+                if let Some(polled) = &stored.polled {
+                    // A load first: most hits find it set and write nothing.
+                    if !polled.load(Ordering::Relaxed) {
+                        polled.store(true, Ordering::Relaxed);
+                    }
+                }
                 return Ok(Answer::new(stored.clone(), CacheStatus::Hit));
             }
             // Everything below is past a hit: the maps sit behind locks.
@@ -430,21 +437,25 @@ impl Cache {
             Join::Follow(waiter) => return Started::Waiting(waiter, false),
             Join::Lead(leader, waiter) => (leader, waiter),
         };
-        let fetching = inner.origin.clone().fetch(request());
+        let request = request();
+        // Kept for the refreshes ahead of each window's end.
+        let retained = request.clone();
+        let fetching = inner.origin.clone().fetch(request);
         let inner = self.inner.clone();
         let (api, project) = (scope.api, scope.project.to_string());
-        let rate = policy.upstream_rate;
         tokio::spawn(async move {
-            if let Some(rate) = rate {
-                let budget = (api, project.clone());
-                if inner.upstream_budget.acquire(&budget, rate, rate).await {
-                    inner.metrics.budget_waits.inc();
-                }
-            }
+            inner.spend_budget(api, &project).await;
             // A panic below drops `leader` unsettled: the flight is aborted.
             let result = fetching.await;
-            let outcome = inner.settle(&key, api, &project, result);
+            let outcome = inner.settle(&key, api, &project, result, None);
+            let warm = match &outcome {
+                Outcome::Fetched(stored) => stored.polled.clone().map(|p| (stored.stored_at, p)),
+                _ => None,
+            };
             leader.settle(outcome);
+            if let Some((window, polled)) = warm {
+                inner.keep_warm(key, api, project, retained, window, polled);
+            }
         });
         Started::Waiting(waiter, true)
     }
@@ -461,14 +472,90 @@ enum Started {
 }
 
 impl Inner {
+    /// Waits for the upstream budget of (API, project), when there is one.
+    async fn spend_budget(&self, api: Api, project: &str) {
+        if let Some(rate) = self.policy.load().upstream_rate {
+            let budget = (api, project.to_string());
+            if self.upstream_budget.acquire(&budget, rate, rate).await {
+                self.metrics.budget_waits.inc();
+            }
+        }
+    }
+
+    /// Keeps a polled running job warm: shortly before the answer's window
+    /// ends, if anyone asked for it during the window, fetches the next one
+    /// in the background, so pollers never wait for upstream. One request per
+    /// window, and none once nobody asks: within K × (D / TTL + 1).
+    fn keep_warm(
+        self: Arc<Self>,
+        key: CacheKey,
+        api: Api,
+        project: String,
+        request: FetchRequest,
+        mut window: Instant,
+        polled: Arc<AtomicBool>,
+    ) {
+        tokio::spawn(async move {
+            loop {
+                let policy = self.policy.load_full();
+                let ttl = policy.running_ttl;
+                let ahead = policy.refresh_ahead.min(ttl / 2);
+                if ahead.is_zero() {
+                    return;
+                }
+                let window_end = window + ttl;
+                tokio::time::sleep_until(window_end - ahead).await;
+                // Nobody asked during this window: the job goes cold.
+                if !polled.swap(false, Ordering::Relaxed) {
+                    return;
+                }
+                // Replaced meanwhile (a miss, a terminal answer): that
+                // answer's own fetch keeps it warm if it is polled.
+                match self.store.get(&key) {
+                    Some(stored)
+                        if stored.stored_at == window && stored.class == Class::Running => {}
+                    _ => return,
+                }
+                match self
+                    .backoffs
+                    .admit(api, &project, Instant::now(), policy.wait_timeout)
+                {
+                    Admit::Open => {}
+                    Admit::Probe => {
+                        self.metrics.probes.inc();
+                    }
+                    // Paused: stale answers and backoffs take over.
+                    Admit::Closed { .. } => return,
+                }
+                let Join::Lead(leader, _) = self.flights.join(key, || None::<()>) else {
+                    return;
+                };
+                self.spend_budget(api, &project).await;
+                let mut refresh = request.clone();
+                refresh.request_id = uuid::Uuid::new_v4().simple().to_string();
+                let result = self.origin.clone().fetch(refresh).await;
+                self.metrics.refreshes_ahead.inc();
+                let outcome = self.settle(&key, api, &project, result, Some(window_end));
+                let landed = matches!(&outcome, Outcome::Fetched(s) if s.class == Class::Running);
+                leader.settle(outcome);
+                if !landed {
+                    return;
+                }
+                window = window_end;
+            }
+        });
+    }
+
     /// Turns a fetch result into what waiters get: stores what may be
-    /// stored, and tells the backoffs and the failures what happened.
+    /// stored, and tells the backoffs and the failures what happened. An
+    /// answer refreshed ahead starts its window where the last one ends.
     fn settle(
         &self,
         key: &CacheKey,
         api: Api,
         project: &str,
         result: Result<UpstreamResponse, GatewayError>,
+        window: Option<Instant>,
     ) -> Outcome {
         let now = Instant::now();
         let policy = self.policy.load();
@@ -499,7 +586,12 @@ impl Inner {
         };
         let class = classify(api, response.status, &response.body, policy.terminal(api));
         let status = response.status;
-        let mut stored = Stored::new(&response, class, now);
+        let mut stored = Stored::new(&response, class, window.unwrap_or(now));
+        if class == Class::Running {
+            // One flag per key while it is kept warm.
+            let previous = self.store.get(key).and_then(|s| s.polled);
+            stored.polled = Some(previous.unwrap_or_default());
+        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry_after(
                 &response.headers,
@@ -554,7 +646,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use bytes::Bytes;
     use http::{HeaderMap, HeaderValue};
@@ -569,8 +661,10 @@ mod tests {
     const RUNNING: &str = r#"{"id":"j","status":"RUNNING","progress_percent":0.5}"#;
     const DONE: &str = r#"{"id":"j","status":"SUCCEEDED","progress_percent":1.0}"#;
 
+    /// Without refreshes ahead, which have tests of their own.
     fn policy() -> CachePolicy {
         CachePolicy {
+            refresh_ahead: Duration::ZERO,
             running_ttl: Duration::from_secs(1),
             not_found_ttl: Duration::from_millis(500),
             stale_while_revalidate: Duration::ZERO,
@@ -750,6 +844,61 @@ mod tests {
         assert_eq!(
             (answer.stored.status, answer.status),
             (StatusCode::OK, CacheStatus::Miss)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_polled_running_job_is_refreshed_ahead_and_pollers_never_wait() {
+        let up = Script::new(Duration::from_millis(20));
+        let cache = up.cache(CachePolicy {
+            refresh_ahead: Duration::from_millis(250),
+            ..policy()
+        });
+        up.then(Ok(response(200, RUNNING)));
+        assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Miss);
+        // One poller every 100 ms for D = 10 s.
+        for _ in 0..100 {
+            // sleep, not advance: the refresh timers run as time passes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let asked = Instant::now();
+            let answer = get(&cache, "j").await.unwrap();
+            assert_eq!(answer.status, CacheStatus::Hit);
+            assert_eq!(Instant::now(), asked, "never waited for upstream");
+        }
+        let (k, d, ttl) = (1, 10, 1);
+        assert!(
+            up.calls() <= k * (d / ttl + 1),
+            "{} upstream requests",
+            up.calls()
+        );
+        assert!(
+            up.calls() >= 10,
+            "kept warm: {} upstream requests",
+            up.calls()
+        );
+        assert_eq!(
+            cache.inner.metrics.refreshes_ahead.get() as usize,
+            up.calls() - 1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_nobody_polls_any_more_is_not_refreshed_again() {
+        let up = Script::new(Duration::from_millis(20));
+        let cache = up.cache(CachePolicy {
+            refresh_ahead: Duration::from_millis(250),
+            ..policy()
+        });
+        up.then(Ok(response(200, RUNNING)));
+        get(&cache, "j").await.unwrap();
+        // Polled during the first window only.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        get(&cache, "j").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            up.calls(),
+            2,
+            "one refresh for the polled window, none after"
         );
     }
 

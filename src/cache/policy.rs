@@ -80,6 +80,11 @@ pub struct CachePolicy {
     /// How long a running job's answer is served without asking upstream.
     #[serde(with = "humantime_serde")]
     pub running_ttl: Duration,
+    /// While a running job is being polled, its answer is refreshed this long
+    /// before its freshness ends, so pollers never wait for upstream (at most
+    /// half of `running_ttl`; zero turns it off).
+    #[serde(with = "humantime_serde")]
+    pub refresh_ahead: Duration,
     /// How long a 404 is remembered.
     #[serde(with = "humantime_serde")]
     pub not_found_ttl: Duration,
@@ -133,6 +138,7 @@ impl Default for CachePolicy {
     fn default() -> Self {
         CachePolicy {
             running_ttl: Duration::from_secs(1),
+            refresh_ahead: Duration::from_millis(250),
             not_found_ttl: Duration::from_secs(1),
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::from_secs(300),

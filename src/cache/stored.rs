@@ -1,5 +1,8 @@
 //! A stored answer: an upstream response copied into one compact allocation.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
@@ -23,7 +26,13 @@ pub struct Stored {
     pub class: Class,
     /// `Retry-After` seconds, set on a 429 passed to the client (0: none).
     retry_after: u32,
+    /// When its freshness window began: when it was fetched, or for an answer
+    /// refreshed ahead, when the previous one's window ended.
     pub stored_at: Instant,
+    /// Set by every hit on a running answer, so the refresh ahead of the
+    /// window's end knows the job is still being polled. Shared by the
+    /// answers of one key while it is kept warm.
+    pub polled: Option<Arc<AtomicBool>>,
 }
 
 impl Stored {
@@ -62,6 +71,7 @@ impl Stored {
             class,
             retry_after: 0,
             stored_at,
+            polled: None,
         }
     }
 
