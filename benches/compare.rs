@@ -5,7 +5,15 @@
 //!
 //! 1. cache-hit throughput and latency on a hot (finished) job, with a bare
 //!    hyper server answering the same bytes as the ceiling;
-//! 2. herd: 100 clients ask for a fresh key at once, upstream latency 20 ms.
+//! 2. herd: 100 clients ask for a fresh key at once, upstream latency 20 ms;
+//! 3. expired-key herd: 100 clients arrive just after a polled running job's
+//!    1 s TTL lapsed (Varnish serves its grace copy, nginx its stale one while
+//!    updating, the gateway has refreshed ahead);
+//! 4. sustained polling: 200 clients over 20 running jobs, 50 ms apart, for
+//!    PGW_BENCH_POLL_SECONDS (5): upstream requests and client latency.
+//!
+//! The gateway runs as users run it: default config and logging, its log to
+//! a file. nginx and Varnish have their access logs off.
 //!
 //! Servers are pinned to CPU 0 and this load generator (with the simulator) to
 //! CPU 1, so each server gets the same single core. Ports are picked free at
@@ -34,7 +42,20 @@ struct Server {
 }
 
 impl Drop for Server {
+    /// A graceful stop, so nothing outlives the benchmark: nginx's master
+    /// stops its workers on SIGQUIT (a SIGKILL would orphan them), Varnish's
+    /// manager its child on SIGTERM. SIGKILL only if that takes too long.
     fn drop(&mut self) {
+        let signal = if self.name == "nginx" { "QUIT" } else { "TERM" };
+        let _ = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -60,6 +81,15 @@ fn wait_listening(addr: SocketAddr, name: &str) {
 
 /// Runs `program` pinned to CPU 0 (when there are two cores to split).
 fn pinned(program: &str, args: &[&str]) -> Child {
+    pinned_with(program, args, Stdio::null(), |_| {})
+}
+
+fn pinned_with(
+    program: &str,
+    args: &[&str],
+    stderr: Stdio,
+    adjust: impl FnOnce(&mut Command),
+) -> Child {
     let mut command = if cores() >= 2 {
         let mut c = Command::new("taskset");
         c.args(["-c", "0", program]);
@@ -67,14 +97,11 @@ fn pinned(program: &str, args: &[&str]) -> Child {
     } else {
         Command::new(program)
     };
-    command
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start {program}: {e} (run benches/compare.sh, which installs it)")
-        })
+    command.args(args).stdout(Stdio::null()).stderr(stderr);
+    adjust(&mut command);
+    command.spawn().unwrap_or_else(|e| {
+        panic!("cannot start {program}: {e} (run benches/compare.sh, which installs it)")
+    })
 }
 
 /// Cores before this process pins itself (after, it would see only one).
@@ -104,9 +131,15 @@ fn start_gateway(dir: &Path, sim: SocketAddr) -> Server {
         gateway_config(&addr.to_string(), sim, &dir.join("token"), "1s"),
     )
     .unwrap();
-    let child = pinned(
+    // As users run it: the default log level, its lines to a file.
+    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+    let child = pinned_with(
         bin.to_str().unwrap(),
         &["serve", "--config", config.to_str().unwrap()],
+        Stdio::from(log),
+        |command| {
+            command.env_remove("RUST_LOG");
+        },
     );
     wait_listening(addr, "progress-gateway");
     Server {
@@ -279,6 +312,10 @@ struct Row {
     per_key: f64,
     herd_p50: f64,
     herd_p99: f64,
+    /// Expired-key herd: p50 ms, p99 ms, upstream requests per round.
+    expired: (f64, f64, f64),
+    /// Sustained polling: client requests, upstream requests, p50 ms, p99 ms.
+    polling: (u64, u64, f64, f64),
 }
 
 /// The ceiling: this same program re-run as a bare hyper server answering the
@@ -343,6 +380,7 @@ fn main() {
     let seconds = env("PGW_BENCH_SECONDS", 5);
     let connections = env("PGW_BENCH_CONNECTIONS", 64) as usize;
     let rounds = env("PGW_BENCH_ROUNDS", 10) as usize;
+    let poll_seconds = env("PGW_BENCH_POLL_SECONDS", 5);
     if cores() >= 2 {
         // cores() is first read just above, before pinning; pin before any
         // runtime thread exists, so every thread inherits it.
@@ -397,6 +435,8 @@ fn main() {
             per_key: f64::NAN,
             herd_p50: f64::NAN,
             herd_p99: f64::NAN,
+            expired: (f64::NAN, f64::NAN, f64::NAN),
+            polling: (0, 0, f64::NAN, f64::NAN),
         };
         // The ceiling serves fixed bytes; a herd means nothing there.
         if server.name != "bare hyper" {
@@ -424,6 +464,36 @@ fn main() {
             row.per_key = upstream as f64 / rounds as f64;
             row.herd_p50 = median(p50s);
             row.herd_p99 = median(p99s);
+
+            // A running job polled by one client; 100 arrive just after its
+            // 1 s TTL lapsed (the scenario is a time, not a synchronisation).
+            let (mut p50s, mut p99s, mut upstream) = (Vec::new(), Vec::new(), 0);
+            for round in 0..rounds {
+                let path = format!("/v5/{PROJECT}/jobs/expired-{slug}-{round}/export/progress");
+                let url = format!("{base}{path}");
+                load.block_on(async {
+                    for _ in 0..5 {
+                        get(&herd_client, &url).await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                });
+                let before = sim.requests(&path);
+                let (p50, p99) = load.block_on(herd(&herd_client, &url, 100));
+                upstream += sim.requests(&path) - before;
+                p50s.push(p50);
+                p99s.push(p99);
+            }
+            row.expired = (median(p50s), median(p99s), upstream as f64 / rounds as f64);
+
+            let before = sim.total();
+            let (served, latency) = load.block_on(poll(server.addr, 200, 20, poll_seconds));
+            row.polling = (
+                served,
+                sim.total() - before,
+                latency.ms(0.5),
+                latency.ms(0.99),
+            );
         }
         rows.push(row);
     }
@@ -432,14 +502,21 @@ fn main() {
     println!("\nprogress-gateway vs nginx vs Varnish ({} cores; servers pinned to one core, load on the other)", cores());
     println!("hit (wrk): {connections} connections, 3 alternating rounds of {seconds} s on a finished job; herd: 100 clients at once on a fresh key, upstream 20 ms, {rounds} rounds (medians)\n");
     println!(
-        "| {:<16} | {:>10} | {:>8} | {:>8} | {:>10} | {:>13} | {:>13} |",
+        "| {:<16} | {:>10} | {:>8} | {:>8} | {:>10} | {:>13} | {:>15} |",
         "server", "hit req/s", "p50 ms", "p99 ms", "vs ceiling", "herd upstream", "herd p50/p99 ms"
     );
     println!(
-        "|{:-<18}|{:->12}|{:->10}|{:->10}|{:->12}|{:->15}|{:->15}|",
+        "|{:-<18}|{:->12}|{:->10}|{:->10}|{:->12}|{:->15}|{:->17}|",
         "", "", "", "", "", "", ""
     );
     let ceiling = rows[0].rate;
+    let or_dash = |r: &Row, text: String| {
+        if r.per_key.is_nan() {
+            "-".to_string()
+        } else {
+            text
+        }
+    };
     for r in &rows {
         println!(
             "| {:<16} | {:>10.0} | {:>8.2} | {:>8.2} | {:>10.2} | {:>13} | {:>15} |",
@@ -448,16 +525,34 @@ fn main() {
             r.p50,
             r.p99,
             r.rate / ceiling,
-            if r.per_key.is_nan() {
-                "-".to_string()
-            } else {
-                format!("{:.2}", r.per_key)
-            },
-            if r.per_key.is_nan() {
-                "-".to_string()
-            } else {
-                format!("{:.1} / {:.1}", r.herd_p50, r.herd_p99)
-            },
+            or_dash(r, format!("{:.2}", r.per_key)),
+            or_dash(r, format!("{:.1} / {:.1}", r.herd_p50, r.herd_p99)),
+        );
+    }
+    println!("\nexpired-key herd: 100 clients just after a polled running job's 1 s TTL lapsed, {rounds} rounds (medians);");
+    println!("sustained polling: 200 clients over 20 running jobs, 50 ms apart, {poll_seconds} s, TTL 1 s, upstream 20 ms\n");
+    println!(
+        "| {:<16} | {:>17} | {:>16} | {:>15} | {:>16} | {:>17} |",
+        "server",
+        "expired p50/p99 ms",
+        "expired upstream",
+        "polling clients",
+        "polling upstream",
+        "polling p50/p99 ms"
+    );
+    println!(
+        "|{:-<18}|{:->19}|{:->18}|{:->17}|{:->18}|{:->19}|",
+        "", "", "", "", "", ""
+    );
+    for r in rows.iter().filter(|r| !r.per_key.is_nan()) {
+        println!(
+            "| {:<16} | {:>18} | {:>16.2} | {:>15} | {:>16} | {:>18} |",
+            r.name,
+            format!("{:.2} / {:.2}", r.expired.0, r.expired.1),
+            r.expired.2,
+            r.polling.0,
+            r.polling.1,
+            format!("{:.2} / {:.2}", r.polling.2, r.polling.3),
         );
     }
 }

@@ -18,4 +18,5 @@ for service in nginx varnish; do
   (systemctl stop "$service" 2>/dev/null || service "$service" stop 2>/dev/null) >/dev/null || true
 done
 cargo build --release --bin progress-gateway
-RUST_LOG=off cargo bench --bench compare
+# The gateway runs with its default logging (to a file); see benches/compare.rs.
+cargo bench --bench compare

@@ -19,7 +19,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use progress_gateway::cache::{Cache, CacheKey, CachePolicy, Scope};
@@ -66,38 +66,6 @@ impl Fetch for Terminal {
             })
         })
     }
-}
-
-/// `c` clients poll `k` running jobs through `gateway` for `seconds`, pausing
-/// 50 ms between polls as real pollers do; returns the requests served and
-/// their latencies.
-async fn poll(gateway: SocketAddr, c: usize, k: usize, seconds: u64) -> (u64, Latencies) {
-    let client = client(c);
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let tasks: Vec<_> = (0..c)
-        .map(|i| {
-            let client = client.clone();
-            let url = format!(
-                "http://{gateway}/v2/{PROJECT}/instances/i/assets/jobs/poll{}",
-                i % k
-            );
-            tokio::spawn(async move {
-                let mut samples = Vec::new();
-                while Instant::now() < deadline {
-                    let asked = Instant::now();
-                    get(&client, &url).await;
-                    samples.push(asked.elapsed().as_micros() as u32);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                samples
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    (all.len() as u64, Latencies::new(all))
 }
 
 fn rss_bytes() -> u64 {

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::error::chain;
-use crate::metrics::Metrics;
+use crate::metrics::{LogDrops, Metrics};
 use crate::proxy::{new_request_id, Gateway};
 
 const PATHS: &str = "/metrics, /healthz and /readyz";
@@ -19,6 +19,8 @@ const PATHS: &str = "/metrics, /healthz and /readyz";
 pub struct Admin {
     pub gateway: Arc<Gateway>,
     pub metrics: Arc<Metrics>,
+    /// The log writer's drop count, where the process has one.
+    pub log_drops: Option<LogDrops>,
 }
 
 impl crate::server::Handler for Admin {
@@ -67,6 +69,9 @@ impl Admin {
         let (entries, bytes) = cache.usage();
         self.metrics.cache_entries.set(entries as i64);
         self.metrics.cache_bytes.set(bytes as i64);
+        if let Some(drops) = &self.log_drops {
+            self.metrics.log_lines_dropped.set(drops.get() as i64);
+        }
         let (throttled, failing) = cache.backoffs_in_force();
         self.metrics.set_backoffs(throttled, failing);
     }

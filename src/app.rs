@@ -26,7 +26,7 @@ use crate::config::{Config, ConfigError, ServerConfig};
 use crate::consumers::{ConsumerError, Consumers};
 use crate::credentials::{Credential, Registry};
 use crate::fetch::{Exchange, Fetch};
-use crate::metrics::Metrics;
+use crate::metrics::{LogDrops, Metrics};
 use crate::proxy::{Gateway, Project, Tenants};
 use crate::server::{Server, Tls, TlsError};
 use crate::signal::{Signal, Signals};
@@ -92,6 +92,7 @@ pub struct App {
     tls: Option<Arc<Tls>>,
     /// The settings only a restart applies, as started.
     fixed: Fixed,
+    log_drops: Option<LogDrops>,
 }
 
 #[derive(PartialEq)]
@@ -175,7 +176,14 @@ impl App {
             gateway,
             tls,
             fixed,
+            log_drops: None,
         })
+    }
+
+    /// Exports the log writer's drop count as `pgw_log_lines_dropped`.
+    pub fn with_log_drops(mut self, drops: Option<LogDrops>) -> Self {
+        self.log_drops = drops;
+        self
     }
 
     /// The proxy's request handler (tests call it in-process).
@@ -232,6 +240,7 @@ impl App {
             let admin = Arc::new(Admin {
                 gateway: app.gateway.clone(),
                 metrics: app.metrics.clone(),
+                log_drops: app.log_drops.clone(),
             });
             servers.spawn(Server::new(listener).serve(admin, shutdown.clone()));
         }
@@ -294,9 +303,16 @@ impl Drop for Running {
 
 /// `progress-gateway serve`: load, bind, announce, then follow signals:
 /// SIGHUP reloads the config (and TLS files), SIGTERM or SIGINT drains and ends.
-pub async fn serve(path: &Path, overrides: Overrides) -> Result<(), AppError> {
+pub async fn serve(
+    path: &Path,
+    overrides: Overrides,
+    log_drops: Option<LogDrops>,
+) -> Result<(), AppError> {
     let mut signals = Signals::install().map_err(AppError::Signals)?;
-    let running = App::new(load(path, overrides)?)?.bind().await?;
+    let running = App::new(load(path, overrides)?)?
+        .with_log_drops(log_drops)
+        .bind()
+        .await?;
     // On stdout, so scripts that bind port 0 learn the addresses.
     println!(
         "listening proxy={}://{} admin={}",

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use progress_gateway::app::{self, Overrides};
 use progress_gateway::config::Config;
 use progress_gateway::error::chain;
+use progress_gateway::metrics::LogDrops;
+use tracing_appender::non_blocking::WorkerGuard;
 
 /// Exit code for a config the operator must fix (sysexits' EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -67,7 +69,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo's terminal shows its live view; its access log is opt-in.
+    let quiet = match &cli.command {
+        #[cfg(feature = "tools")]
+        Command::Demo(options) => !options.verbose,
+        _ => false,
+    };
+    // Flushes buffered log lines when main returns.
+    let (_flush, log_drops) = init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(checked) => {
@@ -90,14 +99,11 @@ async fn main() -> ExitCode {
             listen,
             admin_listen,
         } => {
-            app::serve(
-                &config,
-                Overrides {
-                    listen,
-                    admin: admin_listen,
-                },
-            )
-            .await
+            let overrides = Overrides {
+                listen,
+                admin: admin_listen,
+            };
+            app::serve(&config, overrides, Some(log_drops)).await
         }
         #[cfg(feature = "tools")]
         Command::Demo(options) => {
@@ -137,16 +143,25 @@ fn fail(message: &str, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines go through a buffer that a background thread writes to
+/// stderr, so no request waits on the terminal or the log shipper. When the
+/// writer falls behind by more than the buffer, lines are dropped and counted
+/// (`pgw_log_lines_dropped`) rather than slowing requests down.
+fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     // Colours only on a terminal: log files and shippers get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    (guard, LogDrops::new(move || dropped.dropped_lines() as u64))
 }

@@ -6,6 +6,7 @@
 //! count hold the handles they need. One `Metrics` lives for the whole process,
 //! so a config reload never resets a counter.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -89,6 +90,26 @@ pub struct CredentialCounters {
     pub failures: Counter,
 }
 
+/// Reads how many log lines the non-blocking writer has dropped so far.
+#[derive(Clone)]
+pub struct LogDrops(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl LogDrops {
+    pub fn new(read: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        LogDrops(Arc::new(read))
+    }
+
+    pub fn get(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for LogDrops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogDrops({})", self.get())
+    }
+}
+
 /// Every metric the gateway exports, under the `pgw_` prefix.
 #[derive(Debug)]
 pub struct Metrics {
@@ -102,6 +123,8 @@ pub struct Metrics {
     pub coalesced: Counter,
     /// Answers dropped to stay within the byte budget.
     pub evictions: Counter,
+    /// Log lines dropped because the log writer fell behind (since start).
+    pub log_lines_dropped: Gauge,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
     /// (API, project) pairs held back, by cause (`throttled`, `failing`).
@@ -137,6 +160,7 @@ impl Metrics {
             credential_failures: Family::default(),
             coalesced: Counter::default(),
             evictions: Counter::default(),
+            log_lines_dropped: Gauge::default(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
             backoffs: Family::default(),
@@ -199,6 +223,11 @@ impl Metrics {
         }
         for (name, help, gauge) in [
             ("cache_entries", "Answers stored", &m.cache_entries),
+            (
+                "log_lines_dropped",
+                "Log lines dropped since start because the log writer fell behind",
+                &m.log_lines_dropped,
+            ),
             (
                 "cache_bytes",
                 "Bytes weighed against the budget",

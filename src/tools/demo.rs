@@ -47,6 +47,9 @@ pub struct Options {
     /// Keep polling this long after the last job finished.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub linger: Duration,
+    /// Write the gateway's access log too (on stderr; RUST_LOG also sets it).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 struct Job {
