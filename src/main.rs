@@ -12,6 +12,7 @@ use progress_gateway::config::Config;
 use progress_gateway::error::chain;
 use progress_gateway::metrics::LogDrops;
 use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::field::MakeExt;
 
 /// Exit code for a config the operator must fix (sysexits' EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -150,16 +151,30 @@ fn fail(message: &str, code: u8) -> ExitCode {
 fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Buffered too: the worker writes a batch per system call, and flushes
+    // whenever its queue runs empty, so lines are not held back.
+    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
-        .finish(std::io::stderr());
+        .finish(stderr);
     let dropped = writer.error_counter();
     // Colours only on a terminal: log files and shippers get plain text.
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
         .with_writer(writer);
     match format {
+        // Plain `name=value` fields: the default field formatter styles
+        // every name even when colours are off, which costs on every line.
+        LogFormat::Text if !ansi => builder
+            .fmt_fields(
+                tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+                    write!(w, "{field}={value:?}")
+                })
+                .delimited(" "),
+            )
+            .init(),
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }

@@ -181,3 +181,40 @@ async fn the_byte_budget_evicts() {
     assert!(bytes <= 16 * 1024, "{bytes} bytes");
     assert!(entries > 0 && entries < 200, "{entries} entries");
 }
+
+/// Over real sockets with a 20 ms upstream: jobs polled every 50 ms by 10
+/// pollers each are refreshed ahead of each window, so their pollers never
+/// see a miss after the first (the timing itself is tested on paused time in
+/// `src/cache`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polled_jobs_are_kept_warm_over_sockets() {
+    let h = std::sync::Arc::new(
+        start_with(
+            slow(20),
+            "[cache]\nrunning_ttl = \"500ms\"\nrefresh_ahead = \"200ms\"",
+            None,
+        )
+        .await,
+    );
+    let pollers: Vec<_> = (0..30)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let path = roma_path(&format!("kept-warm-{}", i % 3));
+                let mut seen = Vec::new();
+                for _ in 0..40 {
+                    seen.push(h.get(&path).await.header("x-cache").to_string());
+                    tokio::time::sleep(Duration::from_millis(50)).await; // the poller's own pace
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut misses = 0;
+    for poller in pollers {
+        let seen = poller.await.unwrap();
+        // The first poll of each job may miss or share the first fetch.
+        misses += seen[1..].iter().filter(|s| *s != "HIT").count();
+    }
+    assert_eq!(misses, 0);
+}
