@@ -350,8 +350,13 @@ pub async fn serve(
         }
     }
     tracing::info!("shutting down: no new connections, draining open ones");
-    running.stop().await;
-    tracing::info!("stopped");
+    tokio::select! {
+        () = running.stop() => tracing::info!("stopped"),
+        // An operator who signals again does not want to wait for the drain.
+        () = async { while signals.next().await != Signal::Stop {} } => {
+            tracing::warn!("second signal: exiting without waiting for the drain")
+        }
+    }
     Ok(())
 }
 

@@ -378,6 +378,14 @@ impl Config {
             }
         }
 
+        if projects.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "projects".into(),
+                line: 1,
+                message: "no [[projects]]: the gateway would serve nothing".into(),
+            });
+        }
+
         let mut consumers = BTreeMap::new();
         for (name, spanned) in &raw.consumers {
             let fail = |m: String| text.invalid(format!("consumers.{name}"), spanned.span(), m);
@@ -633,6 +641,14 @@ fn one_origin(env: &Option<String>, file: &Option<PathBuf>) -> Result<Origin, &'
     }
 }
 
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// An upstream base URL: http(s), a host, no path, query or credentials.
 fn base_url(url: &str) -> Result<String, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
@@ -643,6 +659,10 @@ fn base_url(url: &str) -> Result<String, String> {
     let authority = uri.authority().ok_or("the URL has no host")?;
     if authority.as_str().contains('@') {
         return Err("credentials do not belong in the URL".into());
+    }
+    // Tokens and IAM passwords cross the network in clear over plain http.
+    if uri.scheme_str() == Some("http") && !is_loopback(authority.host()) {
+        return Err("plain http is for a loopback host only (the simulator); use https".into());
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err("the URL must be a base without path or query".into());
@@ -791,6 +811,36 @@ credential = "main"
         );
         let e = error(&GOOD.replace("http://127.0.0.1:9000/", "http://127.0.0.1:9000/v2"));
         assert!(e.contains("regions.cn-north-4.roma"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_hosts_only() {
+        let e = error(&GOOD.replace(
+            "http://127.0.0.1:9000/",
+            "http://roma.cn-north-4.myhuaweicloud.com",
+        ));
+        assert!(
+            e.contains("regions.cn-north-4.roma") && e.contains("loopback"),
+            "{e}"
+        );
+        for local in [
+            "http://localhost:9000",
+            "http://[::1]:9000",
+            "http://127.0.0.2:9000",
+        ] {
+            Config::parse(&GOOD.replace("http://127.0.0.1:9000/", local)).unwrap();
+        }
+        let iam = GOOD.replace(
+            "kind = \"token\"\ntoken_env = \"PGW_TOKEN\"",
+            "kind = \"iam-password\"\niam_url = \"http://iam.example.com\"\nuser = \"u\"\ndomain = \"d\"\npassword_env = \"PW\"",
+        );
+        assert!(error(&iam).contains("loopback"));
+    }
+
+    #[test]
+    fn a_config_without_projects_is_refused() {
+        let text = GOOD.split("[[projects]]").next().unwrap();
+        assert!(error(text).contains("no [[projects]]"));
     }
 
     #[test]

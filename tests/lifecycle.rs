@@ -167,6 +167,34 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_the_drain_exits_at_once() {
+    let slow = Behaviour {
+        latency: Duration::from_secs(120),
+        ..Behaviour::default()
+    };
+    let (sim, sim_addr) = start_simulator(slow).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let path = dir.path().join("gateway.toml");
+    let extra = "[server]\ndrain_timeout = \"1h\"\n[upstream]\nrequest_timeout = \"10m\"\n[cache]\nwait_timeout = \"10m\"";
+    std::fs::write(&path, config(sim_addr, dir.path(), extra, &[PROJECT])).unwrap();
+    let mut gateway = spawn_gateway(&path).await;
+    let mut in_flight = TcpStream::connect(gateway.proxy).await.unwrap();
+    let _request = tokio::spawn(async move { raw_get(&mut in_flight, &drs_path("stuck")).await });
+    sim.arrived(1).await;
+    gateway.signal("TERM");
+    gateway.logs_until("shutting down").await;
+    gateway.signal("TERM");
+    gateway.logs_until("second signal").await;
+    // Without the second signal it would wait out the hour-long drain.
+    let exit = tokio::time::timeout(Duration::from_secs(30), gateway.child.wait())
+        .await
+        .expect("exits without waiting for the drain")
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_valid_config_live_and_refuses_an_invalid_one() {
     let (_sim, sim_addr) = start_simulator(Behaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
