@@ -134,11 +134,24 @@ impl GatewayError {
         msg
     }
 
+    /// What the client is told: what went wrong for it, never how the
+    /// gateway is configured. A credential's trouble names environment
+    /// variables, files and IAM's answers: those go to the log and `/readyz`.
+    pub fn client_message(&self) -> String {
+        match self {
+            GatewayError::CredentialUnavailable { project, .. } => format!(
+                "no usable upstream credential for project {project} at the moment; \
+                 the gateway's operator sees why on its readiness check and in its log"
+            ),
+            _ => self.message(),
+        }
+    }
+
     /// The Huawei-shaped answer for this error.
     pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error_code": self.code(),
-            "error_msg": self.message(),
+            "error_msg": self.client_message(),
             "request_id": request_id,
         });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -248,6 +261,32 @@ mod tests {
         assert_eq!(
             error.message(),
             "no usable upstream credential for project p: cannot read file /run/token: no such file"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_is_not_told_how_credentials_are_configured() {
+        let error = GatewayError::CredentialUnavailable {
+            project: "p".into(),
+            source: CredentialError::NotSet {
+                origin: crate::credentials::Origin::Env("PGW_SECRET_TOKEN".into()),
+            },
+        };
+        assert!(
+            error.message().contains("PGW_SECRET_TOKEN"),
+            "the log has it"
+        );
+        let body = error
+            .to_response("r")
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            body.contains("project p") && !body.contains("PGW_SECRET_TOKEN"),
+            "{body}"
         );
     }
 

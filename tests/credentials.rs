@@ -52,6 +52,13 @@ fn assert_logs_hold_no_secret() {
     }
 }
 
+/// The reasons `/readyz` (admin listener) gives for unready projects.
+async fn unready_reasons(h: &Harness) -> String {
+    let ready = h.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    ready.json()["unready"].to_string()
+}
+
 fn iam_user(lifetime: Duration) -> SimAuth {
     SimAuth {
         token: Some(TOKEN.into()),
@@ -149,10 +156,11 @@ async fn temporary_aksk_from_a_credentials_file_sends_the_security_token() {
     write("2020-01-01T00:00:00.000000Z");
     let reply = h.get(&drs_path("t1")).await;
     assert_gateway_error(&reply, 503, "PGW.5030");
-    assert!(reply.json()["error_msg"]
+    assert!(!reply.json()["error_msg"]
         .as_str()
         .unwrap()
-        .contains("expired"));
+        .contains("temporary.json"));
+    assert!(unready_reasons(&h).await.contains("expired"));
 
     // An outside agent renews the file: picked up without a restart.
     write("2999-01-01T00:00:00.000000Z");
@@ -277,10 +285,8 @@ async fn iam_down_at_start_gives_503_then_recovers_without_restart() {
     .await;
     let reply = h.get(&drs_path("a")).await;
     assert_gateway_error(&reply, 503, "PGW.5030");
-    assert!(reply.json()["error_msg"]
-        .as_str()
-        .unwrap()
-        .contains("IAM answered 503"));
+    assert!(!reply.json()["error_msg"].as_str().unwrap().contains("IAM"));
+    assert!(unready_reasons(&h).await.contains("IAM answered 503"));
     // The other project, on a static token, is served all along.
     let other = format!("/v5/{OTHER_PROJECT}/jobs/a/export/progress");
     assert_eq!(h.get(&other).await.status, 200);
@@ -298,10 +304,12 @@ async fn a_wrong_iam_password_is_a_clear_503() {
     let reply = h.get(&drs_path("a")).await;
     assert_gateway_error(&reply, 503, "PGW.5030");
     let message = reply.json()["error_msg"].as_str().unwrap().to_string();
+    assert!(!message.contains("password"), "{message}");
+    let reasons = unready_reasons(&h).await;
     assert!(
-        message.contains("username or password is wrong"),
-        "{message}"
+        reasons.contains("username or password is wrong"),
+        "{reasons}"
     );
-    assert!(!message.contains("not-the-password"));
+    assert!(!reasons.contains("not-the-password"));
     assert_logs_hold_no_secret();
 }
