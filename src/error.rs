@@ -29,6 +29,8 @@ pub enum GatewayError {
     ProjectNotServed(String),
     #[error("missing or unknown consumer key")]
     ConsumerUnauthorized,
+    #[error("too many requests with unknown consumer keys from this address; retry after {} s", retry_after_secs(*.retry_after))]
+    KeyGuessing { retry_after: Duration },
     #[error("consumer may not use project {0}")]
     ConsumerForbidden(String),
     #[error("no usable upstream credential for project {project}: {source}")]
@@ -90,9 +92,9 @@ impl GatewayError {
                 UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             },
             GatewayError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Throttled { .. } | GatewayError::ConsumerOverBudget { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            GatewayError::Throttled { .. }
+            | GatewayError::ConsumerOverBudget { .. }
+            | GatewayError::KeyGuessing { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamFailing { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::FetchAborted => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -117,6 +119,7 @@ impl GatewayError {
             GatewayError::WaitTimeout(_) => "PGW.5041",
             GatewayError::Throttled { .. } => "PGW.4290",
             GatewayError::ConsumerOverBudget { .. } => "PGW.4291",
+            GatewayError::KeyGuessing { .. } => "PGW.4292",
             GatewayError::UpstreamFailing { .. } => "PGW.5031",
         }
     }
@@ -171,7 +174,8 @@ impl GatewayError {
             }
             GatewayError::Throttled { retry_after, .. }
             | GatewayError::UpstreamFailing { retry_after, .. }
-            | GatewayError::ConsumerOverBudget { retry_after } => {
+            | GatewayError::ConsumerOverBudget { retry_after }
+            | GatewayError::KeyGuessing { retry_after } => {
                 headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
             }
             _ => {}
@@ -228,6 +232,9 @@ mod tests {
             GatewayError::WaitTimeout(Duration::from_secs(1)),
             GatewayError::FetchAborted,
             GatewayError::ConsumerOverBudget {
+                retry_after: Duration::from_secs(1),
+            },
+            GatewayError::KeyGuessing {
                 retry_after: Duration::from_secs(1),
             },
             GatewayError::UpstreamFailing {

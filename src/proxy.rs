@@ -5,6 +5,7 @@
 //! `Gateway::serve`, which returns `Result` and uses `?` freely.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body_util::Full;
 use tokio::time::Instant;
 
+use crate::cache::budget::Buckets;
 use crate::cache::{Answer, Cache, CacheKey, CachePolicy, CacheStatus, Class, Scope, StaleReason};
 use crate::consumers::Consumers;
 use crate::credentials::Credential;
@@ -79,10 +81,17 @@ impl Tenants {
     }
 }
 
+/// Failed consumer-key attempts allowed per client address: this many at
+/// once, then this many per minute; beyond, 429 without checking the key.
+const KEY_FAILURES_PER_MINUTE: f64 = 10.0;
+
 /// The proxy's request handler: the tenants (swapped on reload), the cache
 /// (kept across reloads) and the metrics.
 pub struct Gateway {
     tenants: ArcSwap<Tenants>,
+    /// Failed consumer-key attempts per client address, so that keys cannot
+    /// be guessed at the speed the gateway answers.
+    key_failures: Buckets<IpAddr>,
     cache: Cache,
     metrics: Arc<Metrics>,
     /// Set once the proxy listener is bound (for `/readyz`).
@@ -110,6 +119,7 @@ impl Gateway {
     pub fn new(tenants: Tenants, cache: Cache, metrics: Arc<Metrics>) -> Self {
         Gateway {
             tenants: ArcSwap::from_pointee(tenants),
+            key_failures: Buckets::default(),
             cache,
             metrics,
             listening: AtomicBool::new(false),
@@ -188,7 +198,7 @@ impl Gateway {
             route::parse(request.method(), request.uri().path()).map_err(GatewayError::from)?;
         trace.api = Some(route.api);
         trace.project = Some(route.project);
-        trace.consumer = tenants.consumers.check(request.headers(), route.project)?;
+        trace.consumer = self.consumer(tenants, request, route.project)?;
         let project = tenants
             .projects
             .get(route.project)
@@ -196,10 +206,7 @@ impl Gateway {
         let language = language(request.headers())?;
         let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
         // Fair use: by consumer key where keys are configured, else by address.
-        let address = request
-            .extensions()
-            .get::<ClientAddr>()
-            .map(|a| a.0.ip().to_string());
+        let address = client_ip(request).map(|ip| ip.to_string());
         let (consumer, consumer_label) = match trace.consumer {
             Some(name) => (name, name),
             None => (address.as_deref().unwrap_or("-"), "by-address"),
@@ -216,6 +223,31 @@ impl Gateway {
         trace.cache = Some(answer.status);
         trace.stale = answer.stale;
         Ok(self.respond(&answer, request, request_id, &tenants.vary))
+    }
+
+    /// The consumer whose key the request carries, with failed attempts
+    /// limited per client address.
+    fn consumer<'a, B>(
+        &self,
+        tenants: &'a Tenants,
+        request: &Request<B>,
+        project: &str,
+    ) -> Result<Option<&'a str>, GatewayError> {
+        if tenants.consumers.is_empty() {
+            return Ok(None);
+        }
+        let (rate, burst) = (KEY_FAILURES_PER_MINUTE / 60.0, KEY_FAILURES_PER_MINUTE);
+        let address = client_ip(request);
+        if let Some(ip) = address {
+            self.key_failures
+                .peek(&ip, rate, burst, Instant::now())
+                .map_err(|retry_after| GatewayError::KeyGuessing { retry_after })?;
+        }
+        let checked = tenants.consumers.check(request.headers(), project);
+        if let (Err(GatewayError::ConsumerUnauthorized), Some(ip)) = (&checked, address) {
+            let _ = self.key_failures.take(&ip, rate, burst, Instant::now());
+        }
+        checked
     }
 
     fn respond<B>(
@@ -285,6 +317,10 @@ impl Gateway {
         *response.status_mut() = stored.status;
         response
     }
+}
+
+fn client_ip<B>(request: &Request<B>) -> Option<IpAddr> {
+    request.extensions().get::<ClientAddr>().map(|a| a.0.ip())
 }
 
 /// What the fetch for `route` needs, owned, since it runs detached.

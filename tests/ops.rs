@@ -352,3 +352,43 @@ async fn tls_serves_and_a_reload_switches_certificates() {
         "a bad reload keeps the running certificate"
     );
 }
+
+/// One GET over a fresh connection from `source` (another loopback address
+/// stands for another client); returns the status.
+async fn get_from(source: &str, to: std::net::SocketAddr, path: &str, key: &str) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(to).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: gw\r\nX-Gateway-Key: {key}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_to_close(&mut stream, Duration::from_secs(10)).await;
+    String::from_utf8_lossy(&answer[9..12]).parse().unwrap()
+}
+
+#[tokio::test]
+async fn consumer_keys_cannot_be_guessed_at_speed() {
+    let sections = format!(
+        "[consumers.ci]\nkey_sha256 = \"{}\"\n",
+        sha256_hex("ci-secret-key")
+    );
+    let h = start(&sections).await;
+    let path = drs_path("j");
+    for guess in 0..10 {
+        let status = get_from("127.0.0.1", h.addr, &path, &format!("guess-{guess}")).await;
+        assert_eq!(status, 401);
+    }
+    // The eleventh attempt from that address is refused without checking,
+    // even with the right key; other addresses are not affected.
+    let reply = h
+        .request("GET", &path, &[("x-gateway-key", "ci-secret-key")])
+        .await;
+    assert_gateway_error(&reply, 429, "PGW.4292");
+    assert!(reply.header("retry-after").parse::<u64>().unwrap() >= 1);
+    assert_eq!(
+        get_from("127.0.0.2", h.addr, &path, "ci-secret-key").await,
+        200
+    );
+    assert_eq!(h.sim.total(), 1);
+}

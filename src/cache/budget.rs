@@ -58,6 +58,23 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
+    /// Whether `key`'s bucket has a token now, without taking it.
+    pub fn peek(&self, key: &K, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        let rate = rate.max(1e-3);
+        let buckets = self.buckets.lock();
+        let Some(bucket) = buckets.get(key) else {
+            return Ok(());
+        };
+        let tokens = (bucket.tokens
+            + rate * now.saturating_duration_since(bucket.at).as_secs_f64())
+        .min(burst.max(1.0));
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+        }
+    }
+
     /// Waits until `key`'s bucket has a token and takes it. True if it waited.
     pub async fn acquire(&self, key: &K, rate: f64, burst: f64) -> bool {
         let mut waited = false;
