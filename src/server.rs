@@ -197,23 +197,25 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            // Head deadlines are this module's (see `Activity`): hyper's
+            // would also close idle keep-alive connections at that deadline.
+            .header_read_timeout(None)
             // hyper's floor for the read buffer is 8 KiB.
             .max_buf_size(limits.max_header_bytes.max(8192));
         builder
             .http2()
             .timer(TokioTimer::new())
+            // A PING after this long without frames, and a deadline for its
+            // answer, so a silent HTTP/2 client cannot hold a connection.
+            .keep_alive_interval(limits.idle_timeout)
+            .keep_alive_timeout(limits.header_read_timeout)
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         let builder = Arc::new(builder);
         let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let open = Arc::new(Open::default());
         let connections = TaskTracker::new();
         loop {
-            // Waiting for a slot before accepting leaves excess clients in the backlog.
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-                () = shutdown.cancelled() => break,
-            };
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
@@ -225,10 +227,28 @@ impl Server {
                 },
                 () = shutdown.cancelled() => break,
             };
-            let (stream, peer) = stream;
+            // A full house admits a real client by closing the oldest
+            // connection that is idle or has sent no request (as nginx reuses
+            // idle keep-alive connections); only busy ones make it wait.
+            let slot = loop {
+                if let Ok(slot) = slots.clone().try_acquire_owned() {
+                    break Some(slot);
+                }
+                if open.evict_one() {
+                    tracing::debug!("full house: closed the oldest idle connection");
+                }
+                // Busy connections become idle: look again shortly.
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => break Some(slot.expect("never closed")),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    () = shutdown.cancelled() => break None,
+                }
+            };
+            let Some(slot) = slot else { break };
             let _ = stream.set_nodelay(true);
             let handler = handler.clone();
             let activity = Arc::new(Activity::new());
+            let id = open.add(activity.clone());
             let tracked = activity.clone();
             let service = service_fn(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(ClientAddr(peer));
@@ -241,28 +261,39 @@ impl Server {
                 }
             });
             let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
-            let stop = shutdown.clone();
+            let (stop, open) = (shutdown.clone(), open.clone());
             connections.spawn(async move {
                 let _slot = slot;
-                match tls {
-                    None => connection(stream, &builder, service, &limits, &activity, stop).await,
-                    Some(tls) => {
-                        let acceptor = tls.acceptor.load_full();
-                        match tokio::time::timeout(
-                            limits.header_read_timeout,
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            Ok(Ok(stream)) => {
-                                connection(stream, &builder, service, &limits, &activity, stop)
-                                    .await
+                // Reads are observed above TLS: what counts is request bytes.
+                let serve = async {
+                    match tls {
+                        None => {
+                            let io = Observed::new(stream, &activity);
+                            connection(io, &builder, service, &limits, &activity, stop, drain).await
+                        }
+                        Some(tls) => {
+                            let acceptor = tls.acceptor.load_full();
+                            match acceptor.accept(stream).await {
+                                Ok(stream) => {
+                                    let io = Observed::new(stream, &activity);
+                                    connection(io, &builder, service, &limits, &activity, stop, drain)
+                                        .await
+                                }
+                                Err(error) => tracing::debug!(%error, "TLS handshake failed"),
                             }
-                            Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                            Err(_) => tracing::debug!("TLS handshake timed out"),
                         }
                     }
+                };
+                // The head deadline runs from the accept, TLS handshake included;
+                // an eviction closes at once.
+                tokio::select! {
+                    () = serve => {}
+                    () = activity.evicted.cancelled() => {}
+                    () = head_deadline(&activity, limits.header_read_timeout) => {
+                        tracing::debug!("closed: no complete request head within header_read_timeout");
+                    }
                 }
+                open.remove(id);
             });
         }
         drop(listener);
@@ -274,13 +305,29 @@ impl Server {
     }
 }
 
-/// When a connection last finished a request, and how many it has in flight:
-/// idle means none in flight for the idle timeout. Updated per request, not
-/// per read or write, so the hot path reads the clock twice per request.
+/// How long a connection closing gracefully (idle) gets before it is closed
+/// hard, e.g. an HTTP/2 client that never answers the GOAWAY's PING.
+const IDLE_GRACE: Duration = Duration::from_secs(5);
+
+/// No pending head: see [`Activity::head_since_ms`].
+const NO_HEAD: u64 = u64::MAX;
+
+/// Where one connection stands, shared by its task, its requests, its reads
+/// and the listener. Updated per request and per read burst, with atomics.
 struct Activity {
+    /// When it was accepted.
     epoch: Instant,
+    /// When the last request finished (ms since `epoch`).
     last_ms: AtomicU64,
     in_flight: AtomicU64,
+    /// When bytes of a request head began to arrive with no request in flight
+    /// (ms since `epoch`; 0 from the accept, for the first request); a
+    /// complete head must follow within header_read_timeout. [`NO_HEAD`]: none.
+    head_since_ms: AtomicU64,
+    /// HTTP/2: frames between requests are not request heads.
+    h2: std::sync::atomic::AtomicBool,
+    /// Cancelled to close the connection at once (a full house).
+    evicted: CancellationToken,
 }
 
 /// Marks a request in flight until dropped.
@@ -292,12 +339,38 @@ impl Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            head_since_ms: AtomicU64::new(0),
+            h2: std::sync::atomic::AtomicBool::new(false),
+            evicted: CancellationToken::new(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    /// Bytes arrived: with no request in flight, they begin a request head.
+    fn read(&self) {
+        if self.head_since_ms.load(Ordering::Relaxed) != NO_HEAD
+            || self.in_flight.load(Ordering::Relaxed) > 0
+            || self.h2.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long a request head has been pending, if one is.
+    fn head_pending_for(&self) -> Option<Duration> {
+        let since = self.head_since_ms.load(Ordering::Relaxed);
+        (since != NO_HEAD && self.in_flight.load(Ordering::Relaxed) == 0)
+            .then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
 
     fn idle_for(&self) -> Duration {
@@ -311,14 +384,137 @@ impl Activity {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let now = self.0.epoch.elapsed().as_millis() as u64;
-        self.0.last_ms.store(now, Ordering::Relaxed);
+        self.0.last_ms.store(self.0.now_ms(), Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
+/// Resolves when a request head has been pending longer than `timeout`:
+/// silent since the accept, a partial HTTP/1 head, a partial HTTP/2 preface,
+/// or nothing after the TLS handshake.
+async fn head_deadline(activity: &Activity, timeout: Duration) {
+    let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let wait = match activity.head_pending_for() {
+            Some(pending) if pending >= timeout => return,
+            Some(pending) => (timeout - pending).min(tick),
+            None => tick,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The open connections, for closing idle ones when the house is full.
+#[derive(Default)]
+struct Open {
+    next: AtomicU64,
+    /// parking_lot: held to add, remove or scan; never across an await.
+    all: parking_lot::Mutex<std::collections::HashMap<u64, Arc<Activity>>>,
+}
+
+impl Open {
+    fn add(&self, activity: Arc<Activity>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.all.lock().insert(id, activity);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.all.lock().remove(&id);
+    }
+
+    /// Closes the oldest connection with no request in flight. True if one was.
+    fn evict_one(&self) -> bool {
+        let all = self.all.lock();
+        let oldest = all
+            .values()
+            .filter(|a| a.in_flight.load(Ordering::Relaxed) == 0 && !a.evicted.is_cancelled())
+            .min_by_key(|a| a.epoch);
+        match oldest {
+            Some(activity) => {
+                activity.evicted.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The connection's stream, reporting when bytes arrive (see [`Activity::read`]).
+struct Observed<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO> Observed<IO> {
+    fn new(io: IO, activity: &Arc<Activity>) -> Self {
+        Observed {
+            io,
+            activity: activity.clone(),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Observed<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        let fresh = &buf.filled()[before..];
+        if !fresh.is_empty() {
+            // HTTP/2 by prior knowledge or after TLS ALPN starts with the preface.
+            if before == 0 && fresh.starts_with(b"PRI * HTTP/2.0") {
+                this.activity.h2.store(true, Ordering::Relaxed);
+            }
+            this.activity.read();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Observed<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 /// Serves one connection until it ends, closing it gracefully when it has been
-/// idle too long or the server stops (a request in progress still completes).
+/// idle too long or the server stops (a request in progress still completes),
+/// and hard when a graceful close takes longer than its grace period.
 async fn connection<IO, S>(
     io: IO,
     builder: &auto::Builder<TokioExecutor>,
@@ -326,6 +522,7 @@ async fn connection<IO, S>(
     limits: &Limits,
     activity: &Activity,
     stop: CancellationToken,
+    drain: Duration,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -339,9 +536,11 @@ async fn connection<IO, S>(
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut check = tokio::time::interval(limits.idle_timeout.max(Duration::from_millis(20)) / 4);
-    let mut closing = stop.is_cancelled();
-    if closing {
+    // When a graceful close must be over.
+    let mut hard_close_at: Option<Instant> = None;
+    if stop.is_cancelled() {
         conn.as_mut().graceful_shutdown();
+        hard_close_at = Some(Instant::now() + drain);
     }
     loop {
         tokio::select! {
@@ -351,16 +550,19 @@ async fn connection<IO, S>(
                 }
                 return;
             }
-            () = stop.cancelled(), if !closing => {
-                closing = true;
+            () = stop.cancelled(), if hard_close_at.is_none() => {
                 conn.as_mut().graceful_shutdown();
+                hard_close_at = Some(Instant::now() + drain);
             }
-            _ = check.tick(), if !closing => {
-                if activity.idle_for() >= limits.idle_timeout {
-                    closing = true;
+            _ = check.tick() => match hard_close_at {
+                Some(at) if Instant::now() >= at => return,
+                Some(_) => {}
+                None if activity.idle_for() >= limits.idle_timeout => {
                     conn.as_mut().graceful_shutdown();
+                    hard_close_at = Some(Instant::now() + IDLE_GRACE);
                 }
-            }
+                None => {}
+            },
         }
     }
 }

@@ -218,29 +218,95 @@ async fn oversized_headers_get_431() {
 }
 
 #[tokio::test]
-async fn connections_beyond_the_limit_wait_for_a_free_slot() {
-    let h = start_limited("max_connections = 1").await;
-    let addr = h.addr;
+async fn busy_connections_beyond_the_limit_make_new_ones_wait() {
+    let h = start_spec(Spec {
+        behaviour: progress_gateway::tools::simulator::Behaviour {
+            latency: Duration::from_millis(500),
+            ..Default::default()
+        },
+        sections: "[server]\nmax_connections = 1".into(),
+        ..Spec::default()
+    })
+    .await;
     let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", drs_path("j"));
-    let mut first = TcpStream::connect(addr).await.unwrap();
+    let mut first = TcpStream::connect(h.addr).await.unwrap();
     first.write_all(request.as_bytes()).await.unwrap();
+    h.sim.arrived(1).await; // the first request is in flight
+                            // The second connection is accepted by the kernel but not served ...
+    let mut second = TcpStream::connect(h.addr).await.unwrap();
+    second.write_all(request.as_bytes()).await.unwrap();
     let mut buf = [0u8; 12];
     first.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"HTTP/1.1 200");
-
-    // The second connection is accepted by the kernel but not served ...
-    let mut second = TcpStream::connect(addr).await.unwrap();
-    second.write_all(request.as_bytes()).await.unwrap();
-    let waited =
-        tokio::time::timeout(Duration::from_millis(300), second.read_exact(&mut buf)).await;
-    assert!(waited.is_err(), "served beyond max_connections");
-    // ... until the first one leaves.
-    drop(first);
-    tokio::time::timeout(Duration::from_secs(5), second.read_exact(&mut buf))
+    // ... until the first is no longer busy.
+    tokio::time::timeout(Duration::from_secs(10), second.read_exact(&mut buf))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"HTTP/1.1 200");
+    assert_eq!(h.sim.total(), 1, "the second shared the first's answer");
+}
+
+#[tokio::test]
+async fn a_full_house_of_idle_and_silent_sockets_never_locks_out_a_real_client() {
+    let h = start(
+        "[server]\nmax_connections = 20\nidle_timeout = \"1h\"\nheader_read_timeout = \"1h\"",
+    )
+    .await;
+    let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", drs_path("j"));
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        if i % 2 == 0 {
+            // Idle keep-alive: one request, then nothing.
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 12];
+            stream.read_exact(&mut buf).await.unwrap();
+        }
+        held.push(stream); // odd ones: silent from the start
+    }
+    let started = std::time::Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(10), h.get(&drs_path("j")))
+        .await
+        .expect("a real client is served with a full house");
+    assert_eq!(reply.status, 200);
+    eprintln!("served with a full house in {:?}", started.elapsed());
+    // The oldest idle connection made room: the gateway closed it.
+    let closed = read_to_close(&mut held[0], Duration::from_secs(10)).await;
+    assert!(!closed.starts_with(b"HTTP/1.1 200"), "it only closes");
+}
+
+#[tokio::test]
+async fn a_silent_connection_or_a_partial_http2_preface_is_closed_at_the_head_deadline() {
+    let h = start_limited("header_read_timeout = \"300ms\"\nidle_timeout = \"1h\"").await;
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        stream.write_all(opening).await.unwrap();
+        // Closed by the 300 ms head deadline, long before the hour-long idle timeout.
+        let answer = read_to_close(&mut stream, Duration::from_secs(30)).await;
+        assert!(
+            answer.is_empty() || !answer.starts_with(b"HTTP/1.1 200"),
+            "{opening:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_lives_past_the_head_deadline() {
+    let h = start_limited("header_read_timeout = \"200ms\"\nidle_timeout = \"1h\"").await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let path = drs_path("kept");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    for _ in 0..2 {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        let mut rest = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut rest)).await;
+        // Idle between requests for longer than the head deadline: still open.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test]
@@ -391,4 +457,59 @@ async fn consumer_keys_cannot_be_guessed_at_speed() {
         200
     );
     assert_eq!(h.sim.total(), 1);
+}
+
+#[tokio::test]
+async fn a_silent_http2_client_is_disconnected() {
+    let h = start_limited("idle_timeout = \"300ms\"\nheader_read_timeout = \"300ms\"").await;
+    // A relay between an HTTP/2 client and the gateway that, once the first
+    // answer is through, forwards nothing either way: a client gone silent,
+    // never answering the gateway's PING.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let silent = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gateway = h.addr;
+    let relay_task = tokio::spawn({
+        let silent = silent.clone();
+        async move {
+            let (client, _) = relay.accept().await.unwrap();
+            let upstream = TcpStream::connect(gateway).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut gw_read, mut gw_write) = upstream.into_split();
+            let forward = async {
+                let up = tokio::io::copy(&mut client_read, &mut gw_write);
+                let down = tokio::io::copy(&mut gw_read, &mut client_write);
+                let _ = tokio::join!(up, down);
+            };
+            tokio::select! {
+                () = forward => panic!("the relay ended before the client went silent"),
+                () = silent.notified() => {}
+            }
+            // Keep both sockets open; wait for the gateway to close its side.
+            let mut sink = vec![0u8; 65536];
+            loop {
+                match gw_read.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        }
+    });
+    let stream = TcpStream::connect(relay_addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{gateway}{}", roma_path("h2-silent")))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    silent.notify_one();
+    tokio::time::timeout(Duration::from_secs(20), relay_task)
+        .await
+        .expect("the gateway closed the silent HTTP/2 connection")
+        .unwrap();
 }
