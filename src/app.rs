@@ -220,7 +220,20 @@ impl App {
     }
 
     /// Binds the listeners and serves them in the background.
-    pub async fn bind(self) -> Result<Running, AppError> {
+    pub async fn bind(mut self) -> Result<Running, AppError> {
+        let wanted = self.fixed.server.max_connections;
+        if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {
+            let fits = connections_that_fit(soft, wanted);
+            if fits < wanted {
+                tracing::warn!(
+                    max_connections = wanted,
+                    open_files_limit = soft,
+                    using = fits,
+                    "max_connections does not fit the open-files limit (with room for upstream and admin connections); raise LimitNOFILE"
+                );
+                self.fixed.server.max_connections = fits;
+            }
+        }
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -309,6 +322,9 @@ pub async fn serve(
     log_drops: Option<LogDrops>,
 ) -> Result<(), AppError> {
     let mut signals = Signals::install().map_err(AppError::Signals)?;
+    if let Some(limit) = raise_open_files_limit() {
+        tracing::debug!(limit, "open-files limit");
+    }
     let running = App::new(load(path, overrides)?)?
         .with_log_drops(log_drops)
         .bind()
@@ -360,6 +376,22 @@ pub async fn serve(
     Ok(())
 }
 
+/// File descriptors kept for upstream pools, the admin listener, IAM, secret
+/// and log files: client connections may use the rest.
+const RESERVED_FDS: u64 = 256;
+
+/// How many client connections fit an open-files limit of `limit`.
+fn connections_that_fit(limit: u64, wanted: usize) -> usize {
+    let room = usize::try_from(limit.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+    wanted.min(room).max(1)
+}
+
+/// Raises the soft open-files limit to the hard one, as far as allowed (the
+/// common default of 1,024 holds few connections); returns the soft limit.
+pub fn raise_open_files_limit() -> Option<u64> {
+    rlimit::increase_nofile_limit(u64::MAX).ok()
+}
+
 /// The tenants `config` describes, with its credentials from the registry.
 fn tenants(
     config: &Config,
@@ -394,5 +426,17 @@ async fn prepare(tenants: Arc<Tenants>, client: Arc<Upstream>) {
                 "credential not usable yet; its requests get 503"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_fitted_to_the_open_files_limit() {
+        assert_eq!(connections_that_fit(1024, 10_000), 768);
+        assert_eq!(connections_that_fit(1_048_576, 10_000), 10_000);
+        assert_eq!(connections_that_fit(100, 10_000), 1, "never none");
     }
 }

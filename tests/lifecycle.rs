@@ -35,7 +35,22 @@ fn front(sim: SocketAddr, dir: &std::path::Path, extra: &str, projects: &[&str])
 }
 
 async fn spawn_gateway(config: &std::path::Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_progress-gateway"))
+    spawn_gateway_with(config, None).await
+}
+
+/// Starts the binary, under `prlimit --nofile=N:N` when `open_files` is set.
+async fn spawn_gateway_with(config: &std::path::Path, open_files: Option<u32>) -> Process {
+    let mut command = match open_files {
+        None => Command::new(env!("CARGO_BIN_EXE_progress-gateway")),
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}"))
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_progress-gateway"));
+            c
+        }
+    };
+    let mut child = command
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
@@ -159,6 +174,32 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
     let (status, _, body) = request.await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("pending"));
+    let exit = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_is_fitted_to_a_low_open_files_limit() {
+    let (_sim, sim_addr) = start_simulator(Behaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config(sim_addr, dir.path(), "", &[PROJECT])).unwrap();
+    let mut gateway = spawn_gateway_with(&path, Some(512)).await;
+    let lines = gateway
+        .logs_until("does not fit the open-files limit")
+        .await;
+    let warning = lines.last().unwrap();
+    assert!(
+        warning.contains("using=256") && warning.contains("max_connections=10000"),
+        "{warning}"
+    );
+    let mut stream = TcpStream::connect(gateway.proxy).await.unwrap();
+    assert_eq!(raw_get(&mut stream, &drs_path("fits")).await.0, 200);
+    gateway.signal("TERM");
     let exit = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
         .await
         .unwrap()
