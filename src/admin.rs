@@ -9,6 +9,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::credentials::redact;
 use crate::error::chain;
 use crate::metrics::{LogDrops, Metrics};
 use crate::proxy::{new_request_id, Gateway};
@@ -34,7 +35,8 @@ impl Admin {
         match request.uri().path() {
             "/metrics" => {
                 self.sample_states();
-                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                let text = redact(&self.metrics.encode()).into_owned();
+                let mut response = Response::new(Full::new(Bytes::from(text)));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(
@@ -83,7 +85,7 @@ impl Admin {
             .values()
             .filter_map(|p| {
                 let reason = p.credential.unready(&p.id)?;
-                Some(json!({"project": p.id, "credential": p.credential.name, "reason": chain(&reason)}))
+                Some(json!({"project": p.id, "credential": p.credential.name, "reason": redact(&chain(&reason))}))
             })
             .collect();
         unready.sort_by(|a, b| a["project"].as_str().cmp(&b["project"].as_str()));

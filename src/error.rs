@@ -154,7 +154,7 @@ impl GatewayError {
     pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error_code": self.code(),
-            "error_msg": self.client_message(),
+            "error_msg": crate::credentials::redact(&self.client_message()),
             "request_id": request_id,
         });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use progress_gateway::app::{self, Overrides};
 use progress_gateway::config::Config;
+use progress_gateway::credentials::{redact, Redacting};
 use progress_gateway::error::chain;
 use progress_gateway::metrics::LogDrops;
 use tracing_appender::non_blocking::WorkerGuard;
@@ -160,10 +161,11 @@ fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
     let dropped = writer.error_counter();
     // Colours only on a terminal: log files and shippers get plain text.
     let ansi = std::io::stderr().is_terminal();
+    // Every line is scrubbed of secret values, whatever quoted them.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(writer);
+        .with_writer(move || Redacting(writer.clone()));
     match format {
         // Plain `name=value` fields: the default field formatter styles
         // every name even when colours are off, which costs on every line.
@@ -178,5 +180,9 @@ fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    // A panic message is scrubbed too.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("{}", redact(&info.to_string()));
+    }));
     (guard, LogDrops::new(move || dropped.dropped_lines() as u64))
 }

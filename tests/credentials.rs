@@ -259,6 +259,87 @@ async fn an_upstream_refusing_every_token_cannot_make_the_gateway_hammer_iam() {
     assert_logs_hold_no_secret();
 }
 
+/// Fails if `text` holds any secret this test binary uses.
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in [SK, STS, PASSWORD, TOKEN, "MIIsim"] {
+        assert!(!text.contains(secret), "{secret} in {what}: {text}");
+    }
+}
+
+/// Every way out a client or an operator sees: the answer's headers and
+/// body, `/readyz` and `/metrics`.
+async fn assert_nothing_leaks(h: &Harness, reply: &Reply) {
+    assert_no_secret("the body", &String::from_utf8_lossy(&reply.body));
+    assert_no_secret("the headers", &format!("{:?}", reply.headers));
+    assert_no_secret(
+        "/readyz",
+        &String::from_utf8_lossy(&h.admin_get("/readyz").await.body),
+    );
+    assert_no_secret(
+        "/metrics",
+        &String::from_utf8_lossy(&h.admin_get("/metrics").await.body),
+    );
+    assert_logs_hold_no_secret();
+}
+
+#[tokio::test]
+async fn an_upstream_echoing_the_token_never_passes_it_on() {
+    logs();
+    let h = start("").await;
+    h.sim.set_behaviour(|b| b.echo = true);
+    let reply = h.get(&drs_path("echo")).await;
+    assert_eq!(reply.status, 500);
+    let body = String::from_utf8_lossy(&reply.body).into_owned();
+    assert!(body.contains("X-Auth-Token=<redacted>"), "{body}");
+    assert_nothing_leaks(&h, &reply).await;
+}
+
+#[tokio::test]
+async fn temporary_keys_echoed_by_upstream_never_pass_on() {
+    logs();
+    let h = start_spec(Spec {
+        credential: Some("kind = \"aksk\"\ncredentials_file = \"{dir}/temporary.json\"".into()),
+        ..aksk_spec()
+    })
+    .await;
+    // A shifted file: the SK where the AK belongs, and the other way round.
+    let json = serde_json::json!({"credential": {"access": SK, "secret": AK, "securitytoken": STS, "expires_at": "2999-01-01T00:00:00Z"}});
+    std::fs::write(h.dir().join("temporary.json"), json.to_string()).unwrap();
+    h.sim.set_behaviour(|b| b.echo = true);
+    let reply = h.get(&drs_path("shifted")).await;
+    assert_eq!(reply.status, 500);
+    assert_nothing_leaks(&h, &reply).await;
+    // Not JSON at all: a clear reason, no value quoted.
+    std::fs::write(
+        h.dir().join("temporary.json"),
+        format!("{{\"credential\": {SK}"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the file is rechecked once a second
+    let reply = h.get(&drs_path("broken")).await;
+    assert_gateway_error(&reply, 503, "PGW.5030");
+    assert_nothing_leaks(&h, &reply).await;
+}
+
+#[tokio::test]
+async fn an_iam_quoting_the_password_never_passes_it_on() {
+    let h = start_iam(
+        Duration::from_secs(3600),
+        "1m",
+        Behaviour {
+            iam_down: true,
+            echo: true,
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let reply = h.get(&drs_path("a")).await;
+    assert_gateway_error(&reply, 503, "PGW.5030");
+    let readyz = String::from_utf8_lossy(&h.admin_get("/readyz").await.body).into_owned();
+    assert!(readyz.contains("IAM is unavailable"), "{readyz}");
+    assert_nothing_leaks(&h, &reply).await;
+}
+
 #[tokio::test]
 async fn an_upstream_401_triggers_one_refresh_and_one_retry() {
     let h = start_iam(Duration::from_secs(3600), "1m", Behaviour::default()).await;

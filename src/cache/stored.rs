@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::policy::Class;
+use crate::credentials::redact_bytes;
 use crate::upstream::UpstreamResponse;
 
 /// An upstream answer as kept and served. Everything variable lives in one
@@ -37,7 +38,10 @@ pub struct Stored {
 
 impl Stored {
     pub fn new(response: &UpstreamResponse, class: Class, stored_at: Instant) -> Self {
-        let digest = Sha256::digest(&response.body);
+        // An upstream (or a WAF in front of it) may quote the request's
+        // credentials back; they never reach a client.
+        let body = redact_bytes(&response.body);
+        let digest = Sha256::digest(&body);
         let etag = format!("\"{}\"", hex::encode(&digest[..16]));
         // Values longer than 255 bytes are dropped rather than stored.
         let short = |name: &str| {
@@ -49,21 +53,20 @@ impl Stored {
                 .unwrap_or_default()
         };
         let content_type = short("content-type");
-        let request_id = short("x-request-id");
-        let mut data = Vec::with_capacity(
-            response.body.len() + etag.len() + content_type.len() + request_id.len(),
-        );
-        for part in [
-            &response.body[..],
-            etag.as_bytes(),
-            content_type,
-            request_id,
-        ] {
+        let request_id = redact_bytes(&Bytes::copy_from_slice(short("x-request-id")));
+        let request_id = if request_id.len() <= usize::from(u8::MAX) {
+            &request_id[..]
+        } else {
+            &[][..]
+        };
+        let mut data =
+            Vec::with_capacity(body.len() + etag.len() + content_type.len() + request_id.len());
+        for part in [&body[..], etag.as_bytes(), content_type, request_id] {
             data.extend_from_slice(part);
         }
         Stored {
             data: Bytes::from(data),
-            body_len: u32::try_from(response.body.len()).expect("bodies are bounded by max_body"),
+            body_len: u32::try_from(body.len()).expect("bodies are bounded by max_body"),
             etag_len: etag.len() as u8,
             content_type_len: content_type.len() as u8,
             request_id_len: request_id.len() as u8,

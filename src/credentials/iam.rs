@@ -278,7 +278,8 @@ impl IamPassword {
     }
 }
 
-/// IAM's error message, bounded; IAM never echoes the password.
+/// IAM's error message, bounded, and scrubbed of secrets: IAM, or a WAF in
+/// front of it, may quote the request body with the password in it.
 fn iam_error(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let value: Option<serde_json::Value> = serde_json::from_str(&text).ok();
@@ -287,5 +288,6 @@ fn iam_error(body: &[u8]) -> String {
         .and_then(|v| v["error"]["message"].as_str().or(v["error_msg"].as_str()))
         .map(str::to_string)
         .unwrap_or_else(|| text.into_owned());
-    message.chars().take(200).collect()
+    let message: String = message.chars().take(200).collect();
+    super::redact(&message).into_owned()
 }

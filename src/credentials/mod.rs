@@ -22,7 +22,7 @@ pub mod secret;
 pub mod sign;
 
 pub use iam::{IamError, IamSpec};
-pub use secret::{Origin, Secret, SecretSource};
+pub use secret::{redact, redact_bytes, Origin, Redacting, Secret, SecretSource};
 
 /// A credential as the config describes it: where its secrets come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,17 +105,32 @@ enum AkSk {
         sk: SecretSource,
         security_token: Option<SecretSource>,
     },
-    File(SecretSource),
+    /// The file, and the keys parsed from its current version: kept while
+    /// the file is unchanged, so they are parsed once and stay known to the
+    /// redactor for as long as they are in use.
+    File(SecretSource, Mutex<Option<(Secret, Keys)>>),
 }
 
 /// One AK/SK set as it will be used for a request.
+#[derive(Debug, Clone)]
 struct Keys {
     ak: Secret,
     sk: Secret,
     security_token: Option<Secret>,
+    /// Temporary keys: when they expire, and as written.
+    expires_at: Option<(SystemTime, String)>,
 }
 
 impl AkSk {
+    fn unexpired(keys: &Keys) -> Result<(), CredentialError> {
+        match &keys.expires_at {
+            Some((at, written)) if *at <= SystemTime::now() => {
+                Err(CredentialError::Expired(written.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn keys(&self) -> Result<Keys, CredentialError> {
         match self {
             AkSk::Keys {
@@ -129,8 +144,16 @@ impl AkSk {
                     .as_ref()
                     .map(SecretSource::current)
                     .transpose()?,
+                expires_at: None,
             }),
-            AkSk::File(file) => {
+            AkSk::File(file, parsed_cache) => {
+                let text = file.current()?;
+                if let Some((version, keys)) = parsed_cache.lock().as_ref() {
+                    if version.same(&text) {
+                        Self::unexpired(keys)?;
+                        return Ok(keys.clone());
+                    }
+                }
                 #[derive(serde::Deserialize)]
                 struct Wrapped {
                     credential: Temporary,
@@ -142,23 +165,27 @@ impl AkSk {
                     securitytoken: Option<Zeroizing<String>>,
                     expires_at: Option<String>,
                 }
-                let text = file.current()?;
                 let parsed: Temporary = serde_json::from_str::<Wrapped>(text.expose())
                     .map(|w| w.credential)
                     .or_else(|_| serde_json::from_str::<Temporary>(text.expose()))
                     .map_err(|_| CredentialError::CredentialsFile)?;
-                if let Some(expires_at) = &parsed.expires_at {
-                    let at = humantime::parse_rfc3339(expires_at)
-                        .map_err(|_| CredentialError::BadExpiry(expires_at.clone()))?;
-                    if at <= SystemTime::now() {
-                        return Err(CredentialError::Expired(expires_at.clone()));
-                    }
-                }
-                Ok(Keys {
+                let expires_at = match &parsed.expires_at {
+                    Some(expires_at) => Some((
+                        humantime::parse_rfc3339(expires_at)
+                            .map_err(|_| CredentialError::BadExpiry(expires_at.clone()))?,
+                        expires_at.clone(),
+                    )),
+                    None => None,
+                };
+                let keys = Keys {
                     ak: Secret::new(parsed.access),
                     sk: Secret::new(parsed.secret.to_string()),
                     security_token: parsed.securitytoken.map(|t| Secret::new(t.to_string())),
-                })
+                    expires_at,
+                };
+                *parsed_cache.lock() = Some((text, keys.clone()));
+                Self::unexpired(&keys)?;
+                Ok(keys)
             }
         }
     }
@@ -196,9 +223,10 @@ impl Credential {
                         sk: SecretSource::new(sk.clone()),
                         security_token: security_token.clone().map(SecretSource::new),
                     },
-                    AkSkSpec::File(path) => {
-                        AkSk::File(SecretSource::new(Origin::File(path.clone())))
-                    }
+                    AkSkSpec::File(path) => AkSk::File(
+                        SecretSource::new(Origin::File(path.clone())),
+                        Mutex::default(),
+                    ),
                 }),
             ),
             CredentialSpec::IamPassword(iam) => (

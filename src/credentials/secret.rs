@@ -4,27 +4,35 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::CredentialError;
 
 /// A secret value. `Debug` never shows it; its memory is zeroed when dropped.
+/// Every live one is known to [`redact`].
 #[derive(Clone)]
 pub struct Secret(Arc<Zeroizing<String>>);
 
 impl Secret {
     pub fn new(value: String) -> Self {
-        Secret(Arc::new(Zeroizing::new(value)))
+        let secret = Arc::new(Zeroizing::new(value));
+        LIVE.write().push(Arc::downgrade(&secret));
+        Secret(secret)
     }
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// The very same value (not just equal): read from the same file version.
+    pub fn same(&self, other: &Secret) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// As a header value flagged sensitive, so HTTP/2 never indexes it.
@@ -39,6 +47,72 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Every secret value in use (tokens, SKs, security tokens, IAM passwords),
+/// so that text leaving the process can be scrubbed of them even when
+/// something upstream echoes one. Weak: a dropped secret is forgotten.
+/// Process-wide, because secrets are born in many places and every exit
+/// (client bodies, logs, `/readyz`, `/metrics`, panics) must see them all.
+static LIVE: RwLock<Vec<Weak<Zeroizing<String>>>> = RwLock::new(Vec::new());
+
+/// Shorter values are not scrubbed: they would match ordinary text.
+const MIN_REDACTED_LEN: usize = 6;
+
+const REDACTED: &str = "<redacted>";
+
+/// `text` with every live secret value replaced by `<redacted>`.
+pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut text = std::borrow::Cow::Borrowed(text);
+    let mut dead = false;
+    for secret in LIVE.read().iter() {
+        let Some(secret) = secret.upgrade() else {
+            dead = true;
+            continue;
+        };
+        if secret.len() >= MIN_REDACTED_LEN && text.contains(secret.as_str()) {
+            text = std::borrow::Cow::Owned(text.replace(secret.as_str(), REDACTED));
+        }
+    }
+    if dead {
+        LIVE.write().retain(|s| s.strong_count() > 0);
+    }
+    text
+}
+
+/// [`redact`] for bytes that may not be text (an upstream body).
+pub fn redact_bytes(bytes: &bytes::Bytes) -> bytes::Bytes {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => match redact(text) {
+            std::borrow::Cow::Borrowed(_) => bytes.clone(),
+            std::borrow::Cow::Owned(clean) => bytes::Bytes::from(clean),
+        },
+        // Not UTF-8: scrub the valid text around, never pass a secret on.
+        Err(_) => match redact(&String::from_utf8_lossy(bytes)) {
+            std::borrow::Cow::Borrowed(_) => bytes.clone(),
+            std::borrow::Cow::Owned(clean) => bytes::Bytes::from(clean),
+        },
+    }
+}
+
+/// A writer that scrubs secrets from what passes through it (log lines).
+#[derive(Debug)]
+pub struct Redacting<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for Redacting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) => self.0.write_all(redact(text).as_bytes())?,
+            Err(_) => self
+                .0
+                .write_all(&redact_bytes(&bytes::Bytes::copy_from_slice(buf)))?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -153,6 +227,28 @@ impl SecretSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_secrets_are_scrubbed_and_dropped_ones_forgotten() {
+        let secret = Secret::new("tok-3f9a2c77e1".into());
+        let echoed = "upstream says: bad token tok-3f9a2c77e1 (tok-3f9a2c77e1)";
+        assert_eq!(
+            redact(echoed),
+            "upstream says: bad token <redacted> (<redacted>)"
+        );
+        assert!(matches!(
+            redact("nothing secret"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let body = bytes::Bytes::from_static(b"{\"msg\":\"tok-3f9a2c77e1\"}");
+        assert_eq!(redact_bytes(&body), "{\"msg\":\"<redacted>\"}");
+        drop(secret);
+        assert_eq!(
+            redact("tok-3f9a2c77e1"),
+            "tok-3f9a2c77e1",
+            "no longer in use"
+        );
+    }
 
     #[test]
     fn secret_debug_is_redacted() {

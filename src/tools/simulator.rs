@@ -56,6 +56,10 @@ pub struct Behaviour {
     /// `error_msg` of a forced error, e.g. Huawei's throttling message
     /// `policy user over ratelimit,limit:100,time:1 minute`.
     pub error_msg: Option<String>,
+    /// Quote the request in errors, as careless upstreams and WAFs do: job
+    /// requests answer 500 quoting their X-Auth-Token and X-Security-Token,
+    /// IAM's 503 (with `iam_down`) quotes the request body, password and all.
+    pub echo: bool,
     /// The whole body of a forced answer instead of an error body (a page
     /// that is not JSON is sent as `text/html`, as a captive portal would).
     pub force_body: Option<String>,
@@ -71,6 +75,7 @@ impl Default for Behaviour {
             force_count: None,
             retry_after: None,
             error_msg: None,
+            echo: false,
             force_body: None,
         }
     }
@@ -326,6 +331,22 @@ impl Simulator {
         if !behaviour.latency.is_zero() {
             tokio::time::sleep(behaviour.latency).await;
         }
+        if behaviour.echo {
+            let quote = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let message = format!(
+                "cannot process X-Auth-Token={} X-Security-Token={} Authorization={}",
+                quote("x-auth-token"),
+                quote("x-security-token"),
+                quote("authorization")
+            );
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "SIM.0500", &message);
+        }
         if let Some(forced) = self.take_forced() {
             return forced;
         }
@@ -457,12 +478,14 @@ impl Simulator {
         self.inner
             .iam_calls
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self.inner.behaviour.lock().unwrap().iam_down {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "APIGW.0613",
-                "IAM is unavailable",
-            );
+        let behaviour = self.inner.behaviour.lock().unwrap().clone();
+        if behaviour.iam_down {
+            let message = if behaviour.echo {
+                format!("IAM is unavailable for {}", String::from_utf8_lossy(body))
+            } else {
+                "IAM is unavailable".to_string()
+            };
+            return error(StatusCode::SERVICE_UNAVAILABLE, "APIGW.0613", &message);
         }
         let Some(user) = &self.inner.auth.iam else {
             return error(StatusCode::NOT_FOUND, "SIM.0404", "IAM is not enabled");
