@@ -168,6 +168,7 @@ impl App {
             tenants(&config, &credentials, consumers),
             cache,
             metrics.clone(),
+            config.server.limits().max_header_bytes,
         ));
         Ok(App {
             metrics,

@@ -519,6 +519,32 @@ fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError>
             return Err(text.at("cache", key, "must be from 0.001 to 1000000 per second"));
         }
     }
+    let sizes = [
+        (
+            "server",
+            "max_header_bytes",
+            s.max_header_bytes.as_u64(),
+            1024,
+            1024 * 1024,
+        ),
+        (
+            "cache",
+            "max_bytes",
+            c.max_bytes.as_u64(),
+            16 * 1024,
+            1 << 40,
+        ),
+    ];
+    for (section, key, value, min, max) in sizes {
+        if !(min..=max).contains(&value) {
+            let iec = |bytes| bytesize::ByteSize::b(bytes).to_string_as(true);
+            let (min, max) = (iec(min), iec(max));
+            return Err(text.at(section, key, format!("must be from {min} to {max}")));
+        }
+    }
+    if s.max_connections > 1_000_000 {
+        return Err(text.at("server", "max_connections", "must be at most 1000000"));
+    }
     // A stored answer keeps its body length in 32 bits; 64 MiB is plenty.
     if !(1..=64 * 1024 * 1024).contains(&u.max_body.as_u64()) {
         return Err(text.at("upstream", "max_body", "must be from 1 B to 64 MiB"));

@@ -25,6 +25,8 @@ pub enum GatewayError {
     MethodNotAllowed,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("the request head is {size} bytes; at most {limit} are accepted")]
+    HeadersTooLarge { size: usize, limit: usize },
     #[error("project {0} is not served by this gateway")]
     ProjectNotServed(String),
     #[error("missing or unknown consumer key")]
@@ -80,6 +82,7 @@ impl GatewayError {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::ProjectNotServed(_) | GatewayError::ConsumerForbidden(_) => {
                 StatusCode::FORBIDDEN
             }
@@ -106,6 +109,7 @@ impl GatewayError {
             GatewayError::NoRoute => "PGW.4040",
             GatewayError::MethodNotAllowed => "PGW.4050",
             GatewayError::BadRequest(_) => "PGW.4000",
+            GatewayError::HeadersTooLarge { .. } => "PGW.4310",
             GatewayError::ProjectNotServed(_) => "PGW.4030",
             GatewayError::ConsumerForbidden(_) => "PGW.4031",
             GatewayError::ConsumerUnauthorized => "PGW.4010",
@@ -229,6 +233,7 @@ mod tests {
             GatewayError::NoRoute,
             GatewayError::MethodNotAllowed,
             GatewayError::BadRequest("x"),
+            GatewayError::HeadersTooLarge { size: 2, limit: 1 },
             GatewayError::WaitTimeout(Duration::from_secs(1)),
             GatewayError::FetchAborted,
             GatewayError::ConsumerOverBudget {

@@ -92,6 +92,8 @@ pub struct Gateway {
     /// Failed consumer-key attempts per client address, so that keys cannot
     /// be guessed at the speed the gateway answers.
     key_failures: Buckets<IpAddr>,
+    /// Largest request head accepted (`server.max_header_bytes`).
+    max_header_bytes: usize,
     cache: Cache,
     metrics: Arc<Metrics>,
     /// Set once the proxy listener is bound (for `/readyz`).
@@ -116,10 +118,16 @@ impl crate::server::Handler for Gateway {
 }
 
 impl Gateway {
-    pub fn new(tenants: Tenants, cache: Cache, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        tenants: Tenants,
+        cache: Cache,
+        metrics: Arc<Metrics>,
+        max_header_bytes: usize,
+    ) -> Self {
         Gateway {
             tenants: ArcSwap::from_pointee(tenants),
             key_failures: Buckets::default(),
+            max_header_bytes,
             cache,
             metrics,
             listening: AtomicBool::new(false),
@@ -194,6 +202,11 @@ impl Gateway {
         request_id: &str,
         trace: &mut Trace<'a>,
     ) -> Result<Response<Full<Bytes>>, Arc<GatewayError>> {
+        let size = head_size(request);
+        if size > self.max_header_bytes {
+            let limit = self.max_header_bytes;
+            return Err(GatewayError::HeadersTooLarge { size, limit }.into());
+        }
         let route =
             route::parse(request.method(), request.uri().path()).map_err(GatewayError::from)?;
         trace.api = Some(route.api);
@@ -317,6 +330,17 @@ impl Gateway {
         *response.status_mut() = stored.status;
         response
     }
+}
+
+/// The size of a request head as sent in HTTP/1.1: request line and headers.
+fn head_size<B>(request: &Request<B>) -> usize {
+    let line = request.method().as_str().len() + request.uri().to_string().len() + 11;
+    request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
 }
 
 fn client_ip<B>(request: &Request<B>) -> Option<IpAddr> {

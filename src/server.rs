@@ -200,8 +200,10 @@ impl Server {
             // Head deadlines are this module's (see `Activity`): hyper's
             // would also close idle keep-alive connections at that deadline.
             .header_read_timeout(None)
-            // hyper's floor for the read buffer is 8 KiB.
-            .max_buf_size(limits.max_header_bytes.max(8192));
+            // Room beyond the gateway's own limit, so the gateway answers an
+            // oversized head itself (431 in Huawei's shape, logged); hyper
+            // answers only heads past twice the limit. Its floor is 8 KiB.
+            .max_buf_size(hyper_head_limit(limits.max_header_bytes).max(8192));
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -209,7 +211,9 @@ impl Server {
             // answer, so a silent HTTP/2 client cannot hold a connection.
             .keep_alive_interval(limits.idle_timeout)
             .keep_alive_timeout(limits.header_read_timeout)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(
+                u32::try_from(hyper_head_limit(limits.max_header_bytes)).unwrap_or(u32::MAX),
+            );
         let builder = Arc::new(builder);
         let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
         let open = Arc::new(Open::default());
@@ -303,6 +307,11 @@ impl Server {
             () = tokio::time::sleep(drain) => tracing::warn!(deadline = ?drain, "drain deadline passed; closing the rest"),
         }
     }
+}
+
+/// What hyper accepts before answering 431 itself: twice the gateway's limit.
+fn hyper_head_limit(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_mul(2).saturating_add(8192)
 }
 
 /// How long a connection closing gracefully (idle) gets before it is closed

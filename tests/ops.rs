@@ -93,6 +93,15 @@ async fn healthz_is_alive_and_readyz_names_projects_without_credentials() {
         .as_str()
         .unwrap()
         .contains("cannot read"));
+    // A token that cannot be a header value fails every request: not ready.
+    std::fs::write(h.token_path(), "tok\u{1}en-with-a-control-byte").unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // rechecked once a second
+    let unready = h.admin_get("/readyz").await;
+    assert_eq!(unready.status, 503);
+    assert!(unready.json()["unready"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not a valid HTTP header value"));
     let missing = h.admin_get("/other").await;
     assert_eq!(missing.status, 404);
     let message = missing.json()["error_msg"].as_str().unwrap().to_string();
@@ -200,9 +209,17 @@ async fn an_idle_keep_alive_connection_is_closed() {
 #[tokio::test]
 async fn oversized_headers_get_431() {
     let h = start_limited("max_header_bytes = \"8KiB\"").await;
+    // Over the limit: the gateway answers, in Huawei's shape, with a request id.
+    let token = "t".repeat(12_000);
+    let reply = h
+        .request("GET", &drs_path("j"), &[("x-auth-token", &token)])
+        .await;
+    assert_gateway_error(&reply, 431, "PGW.4310");
+    // Far over it (past hyper's buffer, twice the limit): hyper answers 431
+    // bare and closes.
     let addr = h.addr;
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let big = "a".repeat(20_000);
+    let big = "a".repeat(40_000);
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n",
         drs_path("j")
