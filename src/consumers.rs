@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::credentials::{CredentialError, Origin, SecretSource};
+use crate::credentials::{CredentialError, Origin, Secret, SecretSource};
 use crate::error::GatewayError;
 
 /// A consumer as the config describes it.
@@ -62,11 +62,18 @@ impl Consumer {
 pub struct Consumers {
     header: HeaderName,
     list: Vec<Consumer>,
+    /// Keys read from the environment or files, kept only so the redactor
+    /// knows them while they are in use; checks use the digests.
+    _keys: Vec<Secret>,
 }
 
 impl Consumers {
     pub fn new(header: HeaderName, list: Vec<Consumer>) -> Self {
-        Consumers { header, list }
+        Consumers {
+            header,
+            list,
+            _keys: Vec::new(),
+        }
     }
 
     /// Reads the keys the specs name (digests only are kept).
@@ -75,6 +82,7 @@ impl Consumers {
         specs: &BTreeMap<String, ConsumerSpec>,
     ) -> Result<Consumers, ConsumerError> {
         let mut list = Vec::with_capacity(specs.len());
+        let mut keys = Vec::new();
         for (name, spec) in specs {
             let digest = match &spec.key {
                 KeySpec::Sha256(digest) => *digest,
@@ -85,12 +93,17 @@ impl Consumers {
                             name: name.clone(),
                             source,
                         })?;
-                    Sha256::digest(key.expose().as_bytes()).into()
+                    let digest = Sha256::digest(key.expose().as_bytes()).into();
+                    keys.push(key);
+                    digest
                 }
             };
             list.push(Consumer::new(name, digest, spec.projects.clone()));
         }
-        Ok(Consumers::new(header, list))
+        Ok(Consumers {
+            _keys: keys,
+            ..Consumers::new(header, list)
+        })
     }
 
     pub fn len(&self) -> usize {

@@ -555,7 +555,17 @@ async fn connection<IO, S>(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
-                    tracing::debug!(%error, "connection ended with an error");
+                    // A head hyper refused before the gateway saw it (past twice
+                    // max_header_bytes, or not HTTP): hyper answered 400 or 431
+                    // with an empty body. Logged beside the access lines.
+                    let refused = error
+                        .downcast_ref::<hyper::Error>()
+                        .is_some_and(|e| e.is_parse() || e.is_parse_too_large());
+                    if refused {
+                        tracing::info!(target: "progress_gateway::access", %error, "request refused by the HTTP layer");
+                    } else {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
                 }
                 return;
             }
