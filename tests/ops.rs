@@ -359,6 +359,51 @@ fn self_signed(dir: &std::path::Path, name: &str) -> rcgen::CertifiedKey {
 }
 
 /// A TLS client that trusts only `trusted`; returns the negotiated ALPN and status.
+/// A TLS connection to `addr` trusting `trusted`, handshake done.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    trusted: &rcgen::CertifiedKey,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_client_silent_after_the_tls_handshake_is_closed_at_the_head_deadline() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    let cert = self_signed(dir, "silent");
+    let h = start(&format!(
+        "[server]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"1h\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        dir.join("silent.pem").display(),
+        dir.join("silent.key").display()
+    ))
+    .await;
+    let mut tls = tls_connect(h.addr, &cert).await.unwrap();
+    let mut buf = Vec::new();
+    // Nothing sent after the handshake: closed by the 300 ms head deadline,
+    // long before the hour-long idle timeout.
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut buf))
+        .await
+        .expect("the gateway closed the silent TLS connection");
+    assert!(buf.is_empty(), "{read:?}");
+}
+
 async fn tls_get(
     addr: std::net::SocketAddr,
     trusted: &rcgen::CertifiedKey,
