@@ -110,6 +110,32 @@ impl Process {
     }
 }
 
+/// The simulator (requiring [`TOKEN`], which a token file in a temporary
+/// directory holds) and where the config file goes.
+async fn setup(
+    behaviour: Behaviour,
+) -> (
+    progress_gateway::tools::simulator::Simulator,
+    SocketAddr,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let (sim, sim_addr) = start_simulator(behaviour).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let path = dir.path().join("gateway.toml");
+    (sim, sim_addr, dir, path)
+}
+
+/// Waits for the process to end and asserts it exited 0.
+async fn exits_zero(gateway: &mut Process, within: Duration) {
+    let exit = tokio::time::timeout(within, gateway.child.wait())
+        .await
+        .expect("the gateway exits in time")
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
 /// One HTTP/1.1 request on an open keep-alive connection: status, head, body.
 async fn raw_get(stream: &mut TcpStream, path: &str) -> (u16, String, String) {
     stream
@@ -139,10 +165,7 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
         latency: Duration::from_millis(1500),
         ..Behaviour::default()
     };
-    let (sim, sim_addr) = start_simulator(slow).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-    let path = dir.path().join("gateway.toml");
+    let (sim, sim_addr, dir, path) = setup(slow).await;
     std::fs::write(
         &path,
         config(
@@ -174,19 +197,12 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
     let (status, _, body) = request.await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("pending"));
-    let exit = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
+    exits_zero(&mut gateway, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_is_fitted_to_a_low_open_files_limit() {
-    let (_sim, sim_addr) = start_simulator(Behaviour::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-    let path = dir.path().join("gateway.toml");
+    let (_sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
     std::fs::write(&path, config(sim_addr, dir.path(), "", &[PROJECT])).unwrap();
     let mut gateway = spawn_gateway_with(&path, Some(512)).await;
     let lines = gateway
@@ -200,11 +216,7 @@ async fn max_connections_is_fitted_to_a_low_open_files_limit() {
     let mut stream = TcpStream::connect(gateway.proxy).await.unwrap();
     assert_eq!(raw_get(&mut stream, &drs_path("fits")).await.0, 200);
     gateway.signal("TERM");
-    let exit = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
+    exits_zero(&mut gateway, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,10 +225,7 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
         latency: Duration::from_secs(120),
         ..Behaviour::default()
     };
-    let (sim, sim_addr) = start_simulator(slow).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-    let path = dir.path().join("gateway.toml");
+    let (sim, sim_addr, dir, path) = setup(slow).await;
     let extra = "[server]\ndrain_timeout = \"1h\"\n[upstream]\nrequest_timeout = \"10m\"\n[cache]\nwait_timeout = \"10m\"";
     std::fs::write(&path, config(sim_addr, dir.path(), extra, &[PROJECT])).unwrap();
     let mut gateway = spawn_gateway(&path).await;
@@ -237,10 +246,7 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_valid_config_live_and_refuses_an_invalid_one() {
-    let (_sim, sim_addr) = start_simulator(Behaviour::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-    let path = dir.path().join("gateway.toml");
+    let (_sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
     let cache = "[cache]\nrunning_ttl = \"1h\"";
     std::fs::write(&path, config(sim_addr, dir.path(), cache, &[PROJECT])).unwrap();
     let mut gateway = spawn_gateway(&path).await;
@@ -288,11 +294,7 @@ async fn sighup_applies_a_valid_config_live_and_refuses_an_invalid_one() {
         "the old config keeps serving"
     );
     gateway.signal("TERM");
-    let exit = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
+    exits_zero(&mut gateway, Duration::from_secs(20)).await;
 }
 
 /// Runs the binary to completion: exit code, stdout, stderr.

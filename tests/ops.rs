@@ -409,23 +409,7 @@ async fn tls_get(
     trusted: &rcgen::CertifiedKey,
     path: &str,
 ) -> Result<(Vec<u8>, u16), String> {
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(trusted.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector
-        .connect(name, stream)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tls = tls_connect(addr, trusted).await?;
     let alpn = tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
