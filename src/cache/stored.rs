@@ -52,9 +52,16 @@ impl Stored {
                 .filter(|v| v.len() <= usize::from(u8::MAX))
                 .unwrap_or_default()
         };
-        let content_type = short("content-type");
+        // The two upstream header values passed on are scrubbed too.
+        let content_type = redact_bytes(&Bytes::copy_from_slice(short("content-type")));
         let request_id = redact_bytes(&Bytes::copy_from_slice(short("x-request-id")));
-        let request_id = if request_id.len() <= usize::from(u8::MAX) {
+        let fits = |value: &Bytes| value.len() <= usize::from(u8::MAX);
+        let content_type = if fits(&content_type) {
+            &content_type[..]
+        } else {
+            &[][..]
+        };
+        let request_id = if fits(&request_id) {
             &request_id[..]
         } else {
             &[][..]
