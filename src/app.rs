@@ -95,7 +95,6 @@ pub struct App {
     log_drops: Option<LogDrops>,
 }
 
-#[derive(PartialEq)]
 struct Fixed {
     listen: SocketAddr,
     admin: Option<SocketAddr>,
@@ -221,8 +220,11 @@ impl App {
     }
 
     /// Binds the listeners and serves them in the background.
-    pub async fn bind(mut self) -> Result<Running, AppError> {
-        let wanted = self.fixed.server.max_connections;
+    pub async fn bind(self) -> Result<Running, AppError> {
+        // The fitted limit is the listener's only: `fixed` stays as configured,
+        // so a reload compares the file with the file.
+        let mut limits = self.fixed.server.limits();
+        let wanted = limits.max_connections;
         if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {
             let fits = connections_that_fit(soft, wanted);
             if fits < wanted {
@@ -232,7 +234,7 @@ impl App {
                     using = fits,
                     "max_connections does not fit the open-files limit (with room for upstream and admin connections); raise LimitNOFILE"
                 );
-                self.fixed.server.max_connections = fits;
+                limits.max_connections = fits;
             }
         }
         let bind = |addr: SocketAddr| async move {
@@ -262,7 +264,7 @@ impl App {
         servers.spawn(
             Server::new(proxy)
                 .tls(app.tls.clone())
-                .limits(server.limits())
+                .limits(limits)
                 .drain(server.drain_timeout)
                 .serve(app.gateway.clone(), shutdown.clone()),
         );

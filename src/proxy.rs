@@ -334,7 +334,12 @@ impl Gateway {
 
 /// The size of a request head as sent in HTTP/1.1: request line and headers.
 fn head_size<B>(request: &Request<B>) -> usize {
-    let line = request.method().as_str().len() + request.uri().to_string().len() + 11;
+    // Measured from the parts, without formatting the URI on every request.
+    let uri = request.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = request.method().as_str().len() + target + 11;
     request
         .headers()
         .iter()

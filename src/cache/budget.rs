@@ -18,6 +18,23 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    /// Its tokens at `now`, refilled at `rate` per second up to `burst`.
+    fn refilled(&self, rate: f64, burst: f64, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + rate * elapsed).min(burst)
+    }
+}
+
+/// Ok if a token is there, else how long until one is.
+fn until_token(tokens: f64, rate: f64) -> Result<(), Duration> {
+    if tokens >= 1.0 {
+        Ok(())
+    } else {
+        Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+    }
+}
+
 #[derive(Debug)]
 pub struct Buckets<K> {
     /// parking_lot: held for a little arithmetic; never poisoned.
@@ -40,38 +57,27 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         let burst = burst.max(1.0);
         let mut buckets = self.buckets.lock();
         if buckets.len() >= PRUNE_AT && !buckets.contains_key(key) {
-            buckets.retain(|_, b| b.tokens + rate * (now - b.at).as_secs_f64() < burst);
+            buckets.retain(|_, b| b.refilled(rate, burst, now) < burst);
         }
         let bucket = buckets.entry(key.clone()).or_insert(Bucket {
             tokens: burst,
             at: now,
         });
-        let refilled =
-            bucket.tokens + rate * now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = refilled.min(burst);
+        bucket.tokens = bucket.refilled(rate, burst, now);
         bucket.at = now;
-        if bucket.tokens >= 1.0 {
+        let wait = until_token(bucket.tokens, rate);
+        if wait.is_ok() {
             bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
         }
+        wait
     }
 
     /// Whether `key`'s bucket has a token now, without taking it.
     pub fn peek(&self, key: &K, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
         let rate = rate.max(1e-3);
-        let buckets = self.buckets.lock();
-        let Some(bucket) = buckets.get(key) else {
-            return Ok(());
-        };
-        let tokens = (bucket.tokens
-            + rate * now.saturating_duration_since(bucket.at).as_secs_f64())
-        .min(burst.max(1.0));
-        if tokens >= 1.0 {
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+        match self.buckets.lock().get(key) {
+            Some(bucket) => until_token(bucket.refilled(rate, burst.max(1.0), now), rate),
+            None => Ok(()),
         }
     }
 
