@@ -35,6 +35,17 @@ async fn one_request(addr: std::net::SocketAddr, path: &str) -> TcpStream {
     stream
 }
 
+/// Five new clients, one after the other: each one's time to its answer, ms.
+async fn new_clients(addr: std::net::SocketAddr, path: &str) -> Vec<f64> {
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        drop(one_request(addr, path).await);
+        waits.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    waits
+}
+
 fn main() {
     let n = env("PGW_BENCH_CONNECTIONS", 2000) as usize;
     let bin = std::env::var("PGW_BIN")
@@ -83,12 +94,7 @@ fn main() {
         println!("        so max_connections = 10000 costs about {:.0} MiB when all are idle", per * 10_000.0 / 1024.0);
 
         // A full house of idle connections: a new client arrives.
-        let mut waits = Vec::new();
-        for _ in 0..5 {
-            let started = Instant::now();
-            drop(one_request(addr, &path).await);
-            waits.push(started.elapsed().as_secs_f64() * 1000.0);
-        }
+        let waits = new_clients(addr, &path).await;
         println!("full house of {n} idle connections: a new client is served in {:.2} ms (median of 5)", median(waits));
         drop(idle);
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -99,12 +105,7 @@ fn main() {
             silent.push(TcpStream::connect(addr).await.unwrap());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut waits = Vec::new();
-        for _ in 0..5 {
-            let started = Instant::now();
-            drop(one_request(addr, &path).await);
-            waits.push(started.elapsed().as_secs_f64() * 1000.0);
-        }
+        let waits = new_clients(addr, &path).await;
         println!("full house of {n} silent sockets: a new client is served in {:.2} ms (median of 5)", median(waits));
         drop(silent);
         let _ = Command::new("kill").args(["-s", "TERM", &child.id().to_string()]).status();

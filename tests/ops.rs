@@ -359,6 +359,23 @@ fn self_signed(dir: &std::path::Path, name: &str) -> rcgen::CertifiedKey {
 }
 
 /// A TLS client that trusts only `trusted`; returns the negotiated ALPN and status.
+/// The gateway on TLS with a self-signed certificate `name` written into
+/// `dir`, and more `[server]` keys.
+async fn start_tls(
+    dir: &std::path::Path,
+    name: &str,
+    server: &str,
+) -> (rcgen::CertifiedKey, Harness) {
+    let cert = self_signed(dir, name);
+    let h = start(&format!(
+        "[server]\n{server}\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        dir.join(format!("{name}.pem")).display(),
+        dir.join(format!("{name}.key")).display()
+    ))
+    .await;
+    (cert, h)
+}
+
 /// A TLS connection to `addr` trusting `trusted`, handshake done.
 async fn tls_connect(
     addr: std::net::SocketAddr,
@@ -386,13 +403,11 @@ async fn tls_connect(
 #[tokio::test]
 async fn a_client_silent_after_the_tls_handshake_is_closed_at_the_head_deadline() {
     let certs = tempfile::tempdir().unwrap();
-    let dir = certs.path();
-    let cert = self_signed(dir, "silent");
-    let h = start(&format!(
-        "[server]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"1h\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
-        dir.join("silent.pem").display(),
-        dir.join("silent.key").display()
-    ))
+    let (cert, h) = start_tls(
+        certs.path(),
+        "silent",
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"1h\"",
+    )
     .await;
     let mut tls = tls_connect(h.addr, &cert).await.unwrap();
     let mut buf = Vec::new();
@@ -430,13 +445,7 @@ async fn tls_get(
 async fn tls_serves_and_a_reload_switches_certificates() {
     let certs = tempfile::tempdir().unwrap();
     let dir = certs.path();
-    let first = self_signed(dir, "first");
-    let h = start(&format!(
-        "[server]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
-        dir.join("first.pem").display(),
-        dir.join("first.key").display()
-    ))
-    .await;
+    let (first, h) = start_tls(dir, "first", "").await;
     assert_eq!(h.running.scheme(), "https");
     let addr = h.addr;
     let (alpn, status) = tls_get(addr, &first, &drs_path("tls")).await.unwrap();
