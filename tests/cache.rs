@@ -218,3 +218,28 @@ async fn polled_jobs_are_kept_warm_over_sockets() {
     }
     assert_eq!(misses, 0);
 }
+
+/// The caching headers as a client receives them over the wire; the rules
+/// themselves are tested through the handler in `handler.rs`.
+#[tokio::test]
+async fn caching_headers_reach_clients_over_sockets() {
+    let h = start("[cache]\nrunning_ttl = \"1h\"").await;
+    let path = roma_path("headers");
+    let miss = h.get(&path).await;
+    assert_eq!(
+        miss.header("cache-status"),
+        "progress-gateway; fwd=miss; fwd-status=200; stored"
+    );
+    assert_eq!(miss.header("cache-control"), "private, max-age=3600");
+    assert_eq!(miss.header("vary"), "X-Language");
+    let hit = h.get(&path).await;
+    assert!(hit
+        .header("cache-status")
+        .starts_with("progress-gateway; hit; ttl="));
+    // A cached 404 stays a 404 whatever If-None-Match says.
+    let missing = drs_path("missing-job");
+    let first = h.get(&missing).await;
+    assert_eq!(first.status, 404);
+    let again = h.request("GET", &missing, &[("if-none-match", "*")]).await;
+    assert_eq!((again.status.as_u16(), again.body.is_empty()), (404, false));
+}

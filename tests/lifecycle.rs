@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 struct Process {
     child: Child,
     proxy: SocketAddr,
+    /// The admin listener, when the config has one.
+    admin: Option<SocketAddr>,
     logs: mpsc::UnboundedReceiver<String>,
 }
 
@@ -71,6 +73,10 @@ async fn spawn_gateway_with(config: &std::path::Path, open_files: Option<u32>) -
         .unwrap_or_else(|| panic!("{line}"))
         .parse()
         .unwrap();
+    let admin = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin=http://"))
+        .map(|a| a.parse().unwrap());
     let (tx, logs) = mpsc::unbounded_channel();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     tokio::spawn(async move {
@@ -80,7 +86,12 @@ async fn spawn_gateway_with(config: &std::path::Path, open_files: Option<u32>) -
             }
         }
     });
-    Process { child, proxy, logs }
+    Process {
+        child,
+        proxy,
+        admin,
+        logs,
+    }
 }
 
 impl Process {
@@ -197,6 +208,20 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
     let (status, _, body) = request.await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("pending"));
+    exits_zero(&mut gateway, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_counts_dropped_log_lines_in_its_metrics() {
+    let (_sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
+    std::fs::write(&path, config(sim_addr, dir.path(), "", &[PROJECT])).unwrap();
+    let mut gateway = spawn_gateway(&path).await;
+    let admin = gateway.admin.expect("an admin listener");
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    let (status, _, metrics) = raw_get(&mut stream, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("pgw_log_lines_dropped 0"), "{metrics}");
+    gateway.signal("TERM");
     exits_zero(&mut gateway, Duration::from_secs(20)).await;
 }
 
