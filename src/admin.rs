@@ -25,6 +25,8 @@ pub struct Admin {
 }
 
 impl crate::server::Handler for Admin {
+    type Body = Full<Bytes>;
+
     async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         self.answer(&request)
     }

@@ -168,6 +168,7 @@ impl App {
             cache,
             metrics.clone(),
             config.server.limits().max_header_bytes,
+            config.watch.clone(),
         ));
         Ok(App {
             metrics,
@@ -205,6 +206,7 @@ impl App {
         let credentials = self.registry.update(&config.credentials);
         self.exchange.reconfigure(&config.upstream);
         self.gateway.cache().set_policy(config.cache.clone());
+        self.gateway.set_watch(config.watch.clone());
         self.gateway
             .set_tenants(tenants(&config, &credentials, consumers));
         tokio::spawn(prepare(self.gateway.tenants(), self.exchange.client()));
@@ -306,6 +308,7 @@ impl Running {
     /// Stops accepting, closes connections gracefully and waits up to the
     /// drain timeout for them.
     pub async fn stop(self) {
+        self.app.gateway.stop_watchers();
         self.shutdown.cancel();
         self.servers.wait().await;
     }
@@ -313,6 +316,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        self.app.gateway.stop_watchers();
         self.shutdown.cancel();
     }
 }

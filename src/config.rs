@@ -23,6 +23,7 @@ use crate::credentials::{AkSkSpec, CredentialSpec, IamSpec, Origin};
 use crate::route;
 use crate::server::Limits;
 use crate::upstream::UpstreamConfig;
+use crate::watch::WatchConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,6 +57,7 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub upstream: UpstreamConfig,
     pub cache: CachePolicy,
+    pub watch: WatchConfig,
     /// By name; every one is used by a project or not, as written.
     pub credentials: BTreeMap<String, CredentialSpec>,
     pub consumers: BTreeMap<String, ConsumerSpec>,
@@ -144,6 +146,8 @@ struct RawConfig {
     upstream: UpstreamConfig,
     #[serde(default)]
     cache: CachePolicy,
+    #[serde(default)]
+    watch: WatchConfig,
     #[serde(default)]
     regions: BTreeMap<String, RawRegion>,
     #[serde(default)]
@@ -409,6 +413,7 @@ impl Config {
             admin,
             upstream: raw.upstream,
             cache: raw.cache,
+            watch: raw.watch,
             credentials,
             consumers,
             projects,
@@ -417,6 +422,7 @@ impl Config {
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
+const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -424,7 +430,7 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// every duration within a sane range, so that no value from the file can
 /// overflow the arithmetic done with it or make the gateway wait for ever.
 fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError> {
-    let (c, u, s) = (&raw.cache, &raw.upstream, &raw.server);
+    let (c, u, s, w) = (&raw.cache, &raw.upstream, &raw.server, &raw.watch);
     let zero = Duration::ZERO;
     let one_ms = Duration::from_millis(1);
     let ranges = [
@@ -494,6 +500,10 @@ fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError>
         ),
         ("server", "idle_timeout", s.idle_timeout, one_ms, DAY),
         ("server", "drain_timeout", s.drain_timeout, zero, HOUR),
+        ("watch", "max_wait", w.max_wait, zero, HOUR),
+        ("watch", "max_stream", w.max_stream, SECOND, DAY),
+        ("watch", "keepalive", w.keepalive, 10 * one_ms, HOUR),
+        ("watch", "retry", w.retry, zero, HOUR),
     ];
     for (section, key, value, min, max) in ranges {
         if value < min || value > max {

@@ -61,6 +61,12 @@ pub enum GatewayError {
     },
     #[error("this consumer has triggered too many upstream requests; retry after {} s", retry_after_secs(*.retry_after))]
     ConsumerOverBudget { retry_after: Duration },
+    #[error("too many watchers {scope}; watch again after {} s, or poll", retry_after_secs(*.retry_after))]
+    TooManyWatchers {
+        /// `for this consumer` or `on this gateway`.
+        scope: &'static str,
+        retry_after: Duration,
+    },
     /// A bug: the shared upstream fetch ended without an outcome (it panicked).
     #[error("internal error: the upstream fetch was aborted")]
     FetchAborted,
@@ -97,7 +103,8 @@ impl GatewayError {
             GatewayError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Throttled { .. }
             | GatewayError::ConsumerOverBudget { .. }
-            | GatewayError::KeyGuessing { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | GatewayError::KeyGuessing { .. }
+            | GatewayError::TooManyWatchers { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamFailing { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::FetchAborted => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -124,6 +131,7 @@ impl GatewayError {
             GatewayError::Throttled { .. } => "PGW.4290",
             GatewayError::ConsumerOverBudget { .. } => "PGW.4291",
             GatewayError::KeyGuessing { .. } => "PGW.4292",
+            GatewayError::TooManyWatchers { .. } => "PGW.4293",
             GatewayError::UpstreamFailing { .. } => "PGW.5031",
         }
     }
@@ -179,7 +187,8 @@ impl GatewayError {
             GatewayError::Throttled { retry_after, .. }
             | GatewayError::UpstreamFailing { retry_after, .. }
             | GatewayError::ConsumerOverBudget { retry_after }
-            | GatewayError::KeyGuessing { retry_after } => {
+            | GatewayError::KeyGuessing { retry_after }
+            | GatewayError::TooManyWatchers { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
             }
             _ => {}
@@ -240,6 +249,10 @@ mod tests {
                 retry_after: Duration::from_secs(1),
             },
             GatewayError::KeyGuessing {
+                retry_after: Duration::from_secs(1),
+            },
+            GatewayError::TooManyWatchers {
+                scope: "on this gateway",
                 retry_after: Duration::from_secs(1),
             },
             GatewayError::UpstreamFailing {

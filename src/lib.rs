@@ -12,6 +12,7 @@
 //!
 //! - [`server`]: listener, HTTP/1.1 and HTTP/2, TLS, limits, graceful drain.
 //! - [`proxy`]: one request: request id, route, consumer, project, response, access log.
+//! - [`watch`]: long-polls and event streams for clients that watch a job.
 //! - [`route`]: the two routes, as a `match` over path segments.
 //! - [`cache`]: stored answers, single flight, stale fallbacks, 429 backoff.
 //! - [`fetch`]: the upstream exchange for one job (authorise, send, record, retry on 401).
@@ -43,3 +44,4 @@ pub mod signal;
 #[cfg(feature = "tools")]
 pub mod tools;
 pub mod upstream;
+pub mod watch;

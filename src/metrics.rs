@@ -55,6 +55,33 @@ struct ConsumerLabels {
     consumer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    /// `long-poll` or `stream`.
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    /// `progress`, `terminal`, `stale`, `error` or `keepalive`.
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HeldLabels {
+    /// How a held long-poll ended: `changed`, `timeout` or `shutdown`.
+    outcome: &'static str,
+}
+
+/// Counts one watcher of its kind while it lives.
+pub struct Watching(Gauge);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 type LatencyFamily = Family<ApiLabels, Histogram, fn() -> Histogram>;
 
 /// Why an upstream exchange produced no answer, or that it did.
@@ -138,6 +165,12 @@ pub struct Metrics {
     /// Background refreshes of polled running jobs ahead of their window's end.
     pub refreshes_ahead: Counter,
     consumer_refusals: Family<ConsumerLabels, Counter>,
+    watchers: Family<KindLabels, Gauge>,
+    watch_refusals: Family<KindLabels, Counter>,
+    watch_events: Family<EventLabels, Counter>,
+    held: Family<HeldLabels, Counter>,
+    /// From an answer landing to a watcher being handed it.
+    watch_wakeup: Histogram,
 }
 
 impl Default for Metrics {
@@ -169,6 +202,12 @@ impl Metrics {
             budget_waits: Counter::default(),
             refreshes_ahead: Counter::default(),
             consumer_refusals: Family::default(),
+            watchers: Family::default(),
+            watch_refusals: Family::default(),
+            watch_events: Family::default(),
+            held: Family::default(),
+            // 10 µs to about 10 s.
+            watch_wakeup: Histogram::new(exponential_buckets(0.000_01, 4.0, 11)),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -246,6 +285,31 @@ impl Metrics {
             "Requests refused because their consumer used up its fetch budget",
             m.consumer_refusals.clone(),
         );
+        registry.register(
+            "watchers",
+            "Clients watching a job now, by kind (long-poll: requests held; stream: server-sent event streams)",
+            m.watchers.clone(),
+        );
+        registry.register(
+            "watch_refusals",
+            "Watches refused for the watcher limits (long-polls answered at once, streams 429)",
+            m.watch_refusals.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Server-sent events written, by event",
+            m.watch_events.clone(),
+        );
+        registry.register(
+            "watch_held",
+            "Held long-polls answered, by how they ended",
+            m.held.clone(),
+        );
+        registry.register(
+            "watch_wakeup_seconds",
+            "From an answer landing to a watcher being handed it",
+            m.watch_wakeup.clone(),
+        );
         for (name, help, family) in [
             (
                 "credential_refreshes",
@@ -308,6 +372,33 @@ impl Metrics {
                 consumer: consumer.to_string(),
             })
             .inc();
+    }
+
+    /// Counts a watcher of `kind` (`long-poll`, `stream`) until dropped.
+    pub fn watching(&self, kind: &'static str) -> Watching {
+        let gauge = self.watchers.get_or_create(&KindLabels { kind }).clone();
+        gauge.inc();
+        Watching(gauge)
+    }
+
+    pub fn watch_refused(&self, kind: &'static str) {
+        self.watch_refusals
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    pub fn watch_event(&self, event: &'static str) {
+        self.watch_events
+            .get_or_create(&EventLabels { event })
+            .inc();
+    }
+
+    pub fn held(&self, outcome: &'static str) {
+        self.held.get_or_create(&HeldLabels { outcome }).inc();
+    }
+
+    pub fn watch_woken(&self, after: Duration) {
+        self.watch_wakeup.observe(after.as_secs_f64());
     }
 
     /// The counters of the credential `name`; the same name gets the same

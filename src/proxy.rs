@@ -12,8 +12,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::cache::budget::Buckets;
 use crate::cache::{Answer, Cache, CacheKey, CachePolicy, CacheStatus, Class, Scope, StaleReason};
@@ -24,6 +25,10 @@ use crate::fetch::FetchRequest;
 use crate::metrics::Metrics;
 use crate::route::{self, Api, Route};
 use crate::server::ClientAddr;
+use crate::watch::{self, EventStream, Mode, Subject, WatchConfig, Watcher};
+
+/// A whole answer, or a stream of server-sent events.
+pub type Body = Either<Full<Bytes>, EventStream>;
 
 /// A terminal answer will not change, but a day keeps clients from holding
 /// it past a config change of the terminal sets. Answers are per credential
@@ -35,6 +40,7 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GATEWAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-gateway-request-id");
+const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
 
 /// A served project as the request path needs it.
 #[derive(Debug)]
@@ -62,16 +68,17 @@ pub struct Tenants {
     pub projects: HashMap<String, Project>,
     pub consumers: Consumers,
     /// What answers vary by: the language, and the consumer key when keys
-    /// are configured (both are part of the cache key).
+    /// are configured (both are part of the cache key), and what asks to
+    /// watch (`Prefer`, RFC 7240 §2, and `Accept` for event streams).
     vary: HeaderValue,
 }
 
 impl Tenants {
     pub fn new(projects: HashMap<String, Project>, consumers: Consumers) -> Self {
         let vary = match consumers.header() {
-            Some(key) => HeaderValue::from_str(&format!("X-Language, {key}"))
+            Some(key) => HeaderValue::from_str(&format!("X-Language, Prefer, Accept, {key}"))
                 .expect("a header name is a valid header value"),
-            None => HeaderValue::from_static("X-Language"),
+            None => HeaderValue::from_static("X-Language, Prefer, Accept"),
         };
         Tenants {
             projects,
@@ -98,6 +105,11 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// Set once the proxy listener is bound (for `/readyz`).
     listening: AtomicBool,
+    /// `[watch]`, swapped on reload.
+    watch: ArcSwap<WatchConfig>,
+    /// Cancelled when the gateway stops: held long-polls answer at once and
+    /// event streams end, so their clients go to another replica.
+    stopping: CancellationToken,
 }
 
 /// What the access log line reports beyond the response status.
@@ -112,7 +124,9 @@ struct Trace<'a> {
 }
 
 impl crate::server::Handler for Gateway {
-    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    type Body = Body;
+
+    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Body> {
         self.answer(request).await
     }
 }
@@ -123,6 +137,7 @@ impl Gateway {
         cache: Cache,
         metrics: Arc<Metrics>,
         max_header_bytes: usize,
+        watch: WatchConfig,
     ) -> Self {
         Gateway {
             tenants: ArcSwap::from_pointee(tenants),
@@ -131,7 +146,18 @@ impl Gateway {
             cache,
             metrics,
             listening: AtomicBool::new(false),
+            watch: ArcSwap::from_pointee(watch),
+            stopping: CancellationToken::new(),
         }
+    }
+
+    pub fn set_watch(&self, watch: WatchConfig) {
+        self.watch.store(Arc::new(watch));
+    }
+
+    /// Answers every held long-poll and ends every event stream.
+    pub fn stop_watchers(&self) {
+        self.stopping.cancel();
     }
 
     /// The current tenants; a reload does not change an `Arc` already taken.
@@ -157,7 +183,7 @@ impl Gateway {
     }
 
     /// Answers one request; never fails (errors become Huawei-shaped answers).
-    pub async fn answer<B>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn answer<B>(&self, request: Request<B>) -> Response<Body> {
         let started = std::time::Instant::now();
         let request_id = request_id(request.headers());
         let mut trace = Trace::default();
@@ -172,7 +198,7 @@ impl Gateway {
                 if error.status().is_server_error() {
                     tracing::warn!(request_id = %request_id, error = %error.message(), "gateway error");
                 }
-                error.to_response(&request_id)
+                error.to_response(&request_id).map(Either::Left)
             }
         };
         let route = trace.api.map_or("-", Api::as_str);
@@ -201,7 +227,7 @@ impl Gateway {
         request: &'a Request<B>,
         request_id: &str,
         trace: &mut Trace<'a>,
-    ) -> Result<Response<Full<Bytes>>, Arc<GatewayError>> {
+    ) -> Result<Response<Body>, Arc<GatewayError>> {
         let size = head_size(request);
         if size > self.max_header_bytes {
             let limit = self.max_header_bytes;
@@ -235,7 +261,81 @@ impl Gateway {
         let answer = self.cache.get(key, scope, fetch).await?;
         trace.cache = Some(answer.status);
         trace.stale = answer.stale;
-        Ok(self.respond(&answer, request, request_id, &tenants.vary))
+        let mode = match *request.method() {
+            Method::GET => watch::mode(request.headers(), self.watch.load().max_wait),
+            _ => Mode::Plain,
+        };
+        // Only a running job's answer can change; anything else is answered at once.
+        let watchable = answer.stored.class == Class::Running && answer.stored.status.is_success();
+        let plain = |answer: &Answer| {
+            Ok(self
+                .respond(answer, request, request_id, &tenants.vary)
+                .map(Either::Left))
+        };
+        let etag = answer.stored.etag();
+        match mode {
+            Mode::Plain => return plain(&answer),
+            Mode::LongPoll(_) if !watchable || !etag_matches(request.headers(), &etag) => {
+                return plain(&answer)
+            }
+            Mode::Stream
+                if answer.stored.class != Class::Running
+                    && answer.stored.class != Class::Terminal =>
+            {
+                return plain(&answer)
+            }
+            _ => {}
+        }
+        let subject = Subject {
+            cache: self.cache.clone(),
+            key,
+            api: route.api,
+            project: project.id.clone(),
+            consumer: consumer.to_string(),
+            consumer_label: consumer_label.to_string(),
+            request: fetch(),
+        };
+        let config = self.watch.load();
+        let kind = match mode {
+            Mode::Stream => "stream",
+            _ => "long-poll",
+        };
+        let started = Watcher::start(
+            subject,
+            answer.clone(),
+            kind,
+            &config,
+            self.stopping.clone(),
+            self.metrics.clone(),
+        );
+        let mut watcher = match (mode, started) {
+            (Mode::LongPoll(_), Err(_)) => return plain(&answer),
+            (_, Err(refused)) => return Err(refused.into()),
+            (_, Ok(watcher)) => watcher,
+        };
+        let Mode::LongPoll(wait) = mode else {
+            let last_event_id = request
+                .headers()
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok());
+            let body = watch::event_stream(watcher, last_event_id, &config);
+            return Ok(event_stream_response(body, request_id, &tenants.vary));
+        };
+        let next = watcher
+            .next(watch::hold_until(wait), |latest| {
+                latest.stored.etag() != etag
+            })
+            .await;
+        self.metrics.held(match next {
+            watch::Next::Changed => "changed",
+            watch::Next::Deadline => "timeout",
+            watch::Next::Stopping => "shutdown",
+        });
+        let mut response = self.respond(&watcher.latest, request, request_id, &tenants.vary);
+        response
+            .headers_mut()
+            .insert(PREFERENCE_APPLIED, watch::preference_applied(wait));
+        Ok(response.map(Either::Left))
     }
 
     /// The consumer whose key the request carries, with failed attempts
@@ -330,6 +430,28 @@ impl Gateway {
         *response.status_mut() = stored.status;
         response
     }
+}
+
+/// The start of an event stream: the events follow as the body.
+fn event_stream_response(
+    body: EventStream,
+    request_id: &str,
+    vary: &HeaderValue,
+) -> Response<Body> {
+    let mut response = Response::new(Either::Right(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // nginx in front would otherwise hold events back in its buffers.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert(header::VARY, vary.clone());
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID, id);
+    }
+    response
 }
 
 /// The size of a request head as sent in HTTP/1.1: request line and headers.

@@ -13,7 +13,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,13 +32,49 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::SocketAddr);
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What a listener serves: one answer per request, never an error (errors
 /// are answers too).
 pub trait Handler: Send + Sync + 'static {
+    /// `Full<Bytes>` for whole answers; a stream for server-sent events.
+    type Body: hyper::body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static;
+
     fn handle(
         &self,
         request: Request<Incoming>,
-    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+    ) -> impl Future<Output = Response<Self::Body>> + Send;
+}
+
+/// A response body that keeps its request counted as in flight until the
+/// body is done, so a connection streaming events is never taken for idle
+/// (by the idle timeout, or by a full house looking for one to close).
+pub struct Tracked<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B> hyper::body::Body for Tracked<B>
+where
+    B: hyper::body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Connection limits and timeouts.
@@ -260,8 +295,7 @@ impl Server {
                 let handler = handler.clone();
                 async move {
                     let response = handler.handle(request).await;
-                    drop(busy);
-                    Ok::<_, Infallible>(response)
+                    Ok::<_, Infallible>(response.map(|body| Tracked { body, _busy: busy }))
                 }
             });
             let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
@@ -524,7 +558,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Observed<IO> {
 /// Serves one connection until it ends, closing it gracefully when it has been
 /// idle too long or the server stops (a request in progress still completes),
 /// and hard when a graceful close takes longer than its grace period.
-async fn connection<IO, S>(
+async fn connection<IO, S, B>(
     io: IO,
     builder: &auto::Builder<TokioExecutor>,
     service: S,
@@ -536,11 +570,12 @@ async fn connection<IO, S>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             Request<Incoming>,
-            Response = Response<Full<Bytes>>,
+            Response = Response<Tracked<B>>,
             Error = Infallible,
         > + Send
         + 'static,
     S::Future: Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
 {
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);

@@ -231,7 +231,7 @@ async fn caching_headers_reach_clients_over_sockets() {
         "progress-gateway; fwd=miss; fwd-status=200; stored"
     );
     assert_eq!(miss.header("cache-control"), "private, max-age=3600");
-    assert_eq!(miss.header("vary"), "X-Language");
+    assert_eq!(miss.header("vary"), "X-Language, Prefer, Accept");
     let hit = h.get(&path).await;
     assert!(hit
         .header("cache-status")

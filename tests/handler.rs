@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use parking_lot::Mutex;
 use progress_gateway::app::App;
 use progress_gateway::config::Config;
 use progress_gateway::fetch::{Fetch, FetchFuture, FetchRequest};
+use progress_gateway::proxy::Body;
 use progress_gateway::tools::{SimFront, PROJECT};
 use progress_gateway::upstream::UpstreamResponse;
 use tokio::time::Instant;
@@ -101,7 +102,7 @@ impl Reply {
     }
 }
 
-async fn read(response: Response<Full<Bytes>>) -> Reply {
+async fn read(response: Response<Body>) -> Reply {
     let (parts, body) = response.into_parts();
     Reply {
         status: parts.status,
@@ -288,7 +289,7 @@ async fn caching_headers_tell_downstream_caches_and_clients_the_truth() {
         first.header("cache-status"),
         "progress-gateway; fwd=miss; fwd-status=200; stored"
     );
-    assert_eq!(first.header("vary"), "X-Language");
+    assert_eq!(first.header("vary"), "X-Language, Prefer, Accept");
 
     // RFC 9111 §4.2: at 3.3 s, Age 3 and max-age the lifetime, not the rest.
     tokio::time::advance(Duration::from_millis(3300)).await;
@@ -335,5 +336,123 @@ async fn answers_vary_by_the_consumer_key_when_keys_are_configured() {
     let app = App::with_origin(config, script.clone()).unwrap();
     let reply = get_with(&app, "j", &[("x-gateway-key", "ci-key")]).await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.header("vary"), "X-Language, x-gateway-key");
+    assert_eq!(
+        reply.header("vary"),
+        "X-Language, Prefer, Accept, x-gateway-key"
+    );
+}
+
+/// Watching on paused time: when a long-poll is answered, when a stream
+/// keeps alive and ends, and that a watched job costs one request a window.
+mod watching {
+    use super::*;
+
+    const RUNNING_2: &str =
+        r#"{"id":"j","type":"exportAsset","status":"RUNNING","progress_percent":0.6}"#;
+    const DONE: &str =
+        r#"{"id":"j","type":"exportAsset","status":"SUCCEEDED","progress_percent":1.0}"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_poll_is_answered_304_when_its_wait_is_over_not_before() {
+        let script = Script::new(Duration::from_millis(10), &[(200, RUNNING)]);
+        let app = app("[cache]\nrunning_ttl = \"1s\"", &script);
+        let etag = get(&app, "j").await.header("etag").to_string();
+        let asked = Instant::now();
+        let reply = get_with(&app, "j", &[("if-none-match", &etag), ("prefer", "wait=7")]).await;
+        let held = Instant::now() - asked;
+        assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
+        assert_eq!(reply.header("preference-applied"), "wait=7");
+        // The wait, plus at most 5 % of jitter.
+        assert!(
+            held >= Duration::from_secs(7) && held <= Duration::from_millis(7350),
+            "{held:?}"
+        );
+        // Held for 7 s with a 1 s window: kept warm, one request a window.
+        let calls = script.calls();
+        assert!((7..=9).contains(&calls), "{calls} upstream requests");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_poll_is_answered_as_soon_as_the_refresh_brings_news() {
+        let script = Script::new(Duration::from_millis(10), &[(200, RUNNING)]);
+        let app = Arc::new(app("[cache]\nrunning_ttl = \"1s\"", &script));
+        let etag = get(&app, "j").await.header("etag").to_string();
+        let asked = Instant::now();
+        let held = {
+            let app = app.clone();
+            tokio::spawn(async move {
+                get_with(
+                    &app,
+                    "j",
+                    &[("if-none-match", &etag), ("prefer", "wait=20")],
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        script.then(200, RUNNING_2);
+        let reply = held.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, RUNNING_2);
+        // The next refresh after the change: ahead of the window at 3 s.
+        let took = Instant::now() - asked;
+        assert!(
+            took > Duration::from_millis(2500) && took <= Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+
+    async fn frame(body: &mut Body) -> Option<String> {
+        let frame = body.frame().await?.unwrap();
+        Some(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_keeps_alive_after_15_s_ends_after_max_stream_and_stops_refreshing() {
+        let script = Script::new(Duration::from_millis(10), &[(200, RUNNING)]);
+        let app = app(
+            "[cache]\nrunning_ttl = \"1s\"\n[watch]\nmax_stream = \"60s\"",
+            &script,
+        );
+        let request = Request::get(path("j"))
+            .header("accept", "text/event-stream")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let mut body = app.gateway().answer(request).await.into_body();
+        let first = frame(&mut body).await.unwrap();
+        let opened = Instant::now();
+        assert!(
+            first.starts_with("retry: 3000\nevent: progress\n"),
+            "{first}"
+        );
+        assert_eq!(frame(&mut body).await.unwrap(), ": keepalive\n\n");
+        assert_eq!(Instant::now() - opened, Duration::from_secs(15));
+        script.then(200, DONE);
+        let last = frame(&mut body).await.unwrap();
+        assert!(last.starts_with("event: terminal\n"), "{last}");
+        assert!(
+            frame(&mut body).await.is_none(),
+            "ended after the terminal event"
+        );
+
+        // Another job, never changing: its stream ends within 60 s ± 10 %.
+        script.then(200, RUNNING);
+        let request = Request::get(path("k"))
+            .header("accept", "text/event-stream")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let opened = Instant::now();
+        let mut body = app.gateway().answer(request).await.into_body();
+        while frame(&mut body).await.is_some() {}
+        let lasted = Instant::now() - opened;
+        assert!(
+            lasted >= Duration::from_secs(54) && lasted <= Duration::from_secs(66),
+            "{lasted:?}"
+        );
+        drop(body);
+        // Nobody watches or polls it any more: the refreshes stop.
+        let calls = script.calls();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(script.calls() <= calls + 1, "went cold");
+    }
 }

@@ -189,6 +189,8 @@ pub struct FixedAnswer {
 }
 
 impl Handler for FixedAnswer {
+    type Body = http_body_util::Full<Bytes>;
+
     async fn handle(
         &self,
         _request: http::Request<hyper::body::Incoming>,

@@ -26,6 +26,7 @@ pub mod flight;
 pub mod key;
 pub mod policy;
 pub mod stored;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +41,7 @@ use tokio::time::Instant;
 pub use key::CacheKey;
 pub use policy::{CachePolicy, CacheStatus, Class, Freshness, StaleReason};
 pub use stored::Stored;
+pub use watch::{Watch, WatchLimits, Watches};
 
 use backoff::{Admit, Backoffs, Cause};
 use budget::Buckets;
@@ -62,7 +64,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn new(stored: Stored, status: CacheStatus) -> Self {
+    pub fn new(stored: Stored, status: CacheStatus) -> Self {
         Answer {
             stored,
             status,
@@ -70,7 +72,7 @@ impl Answer {
         }
     }
 
-    fn stale(stored: Stored, reason: StaleReason) -> Self {
+    pub fn stale(stored: Stored, reason: StaleReason) -> Self {
         Answer {
             stored,
             status: CacheStatus::Stale,
@@ -180,6 +182,8 @@ struct Inner {
     upstream_budget: Buckets<(Api, String)>,
     /// Fetches each consumer triggered, when `consumer_fetch_rate` is set.
     consumer_budget: Buckets<String>,
+    /// Watched keys get every answer settled for them, and are kept warm.
+    watches: Watches,
     origin: Arc<dyn Fetch>,
     metrics: Arc<Metrics>,
 }
@@ -253,6 +257,7 @@ impl Cache {
                 failures: Failures::default(),
                 upstream_budget: Buckets::default(),
                 consumer_budget: Buckets::default(),
+                watches: Watches::default(),
                 origin,
                 metrics,
             }),
@@ -275,6 +280,11 @@ impl Cache {
             self.inner.store.entry_count(),
             self.inner.store.weighted_size(),
         )
+    }
+
+    /// Who watches which key; see [`watch`].
+    pub fn watches(&self) -> &Watches {
+        &self.inner.watches
     }
 
     /// (API, project) pairs held back now: (throttled, failing).
@@ -505,8 +515,9 @@ impl Inner {
                 }
                 let window_end = window + ttl;
                 tokio::time::sleep_until(window_end - ahead).await;
-                // Nobody asked during this window: the job goes cold.
-                if !polled.swap(false, Ordering::Relaxed) {
+                // Nobody asked during this window and nobody watches: the
+                // job goes cold.
+                if !polled.swap(false, Ordering::Relaxed) && !self.watches.is_watched(&key) {
                     return;
                 }
                 // Replaced meanwhile (a miss, a terminal answer): that
@@ -546,10 +557,35 @@ impl Inner {
         });
     }
 
-    /// Turns a fetch result into what waiters get: stores what may be
-    /// stored, and tells the backoffs and the failures what happened. An
-    /// answer refreshed ahead starts its window where the last one ends.
+    /// Turns a fetch result into what waiters get (see [`Inner::outcome`])
+    /// and tells the key's watchers: a new stored answer, or an earlier one
+    /// standing in while upstream fails.
     fn settle(
+        &self,
+        key: &CacheKey,
+        api: Api,
+        project: &str,
+        result: Result<UpstreamResponse, GatewayError>,
+        window: Option<Instant>,
+    ) -> Outcome {
+        let outcome = self.outcome(key, api, project, result, window);
+        let news = match &outcome {
+            Outcome::Fetched(stored) if stored.class != Class::Uncacheable => {
+                Some(Answer::new(stored.clone(), CacheStatus::Hit))
+            }
+            Outcome::Stale(stored, reason) => Some(Answer::stale(stored.clone(), *reason)),
+            _ => None,
+        };
+        if let Some(answer) = news {
+            self.watches.publish(key, answer);
+        }
+        outcome
+    }
+
+    /// Stores what may be stored, and tells the backoffs and the failures
+    /// what happened. An answer refreshed ahead starts its window where the
+    /// last one ends.
+    fn outcome(
         &self,
         key: &CacheKey,
         api: Api,

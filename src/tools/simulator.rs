@@ -138,6 +138,8 @@ pub struct IamUser {
 }
 
 impl Handler for Simulator {
+    type Body = Full<Bytes>;
+
     async fn handle(&self, request: Request<hyper::body::Incoming>) -> SimResponse {
         self.answer(request).await
     }

@@ -215,6 +215,81 @@ impl Harness {
     }
 }
 
+/// A response whose body is read as it arrives (an event stream).
+pub struct Streaming {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+impl Streaming {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", |v| v.to_str().unwrap())
+    }
+
+    /// The next block of the stream up to a blank line (an event, a comment,
+    /// a `retry:`), or None when the stream ended. At most `within` to wait.
+    pub async fn next_block(&mut self, within: Duration) -> Option<String> {
+        tokio::time::timeout(within, async {
+            loop {
+                if let Some(end) = self.buffer.find("\n\n") {
+                    let block = self.buffer[..end].to_string();
+                    self.buffer.drain(..end + 2);
+                    return Some(block);
+                }
+                match self.body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            self.buffer.push_str(std::str::from_utf8(&data).unwrap());
+                        }
+                    }
+                    Some(Err(error)) => panic!("stream broke: {error}"),
+                    None => {
+                        assert!(self.buffer.is_empty(), "half an event: {:?}", self.buffer);
+                        return None;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the stream moved within its time")
+    }
+}
+
+impl Harness {
+    /// Sends a GET and returns as soon as the head arrives.
+    pub async fn open(&self, path: &str, headers: &[(&str, &str)]) -> Streaming {
+        let mut builder = Request::get(format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let response = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.client.request(builder.body(Empty::new()).unwrap()),
+        )
+        .await
+        .expect("gateway answered within 30 s")
+        .expect("gateway reachable");
+        let (parts, body) = response.into_parts();
+        Streaming {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            buffer: String::new(),
+        }
+    }
+
+    /// The value of the metric line starting with `prefix`, 0 if absent.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap();
+        text.lines()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+}
+
 /// Asserts a gateway error answer: status, Huawei-shaped body, X-Request-Id.
 pub fn assert_gateway_error(reply: &Reply, status: u16, code: &str) {
     assert_eq!(reply.status.as_u16(), status, "{:?}", reply.body);
