@@ -375,3 +375,76 @@ fn invalid_option_values_are_refused_not_clamped() {
         "{stdout}"
     );
 }
+
+/// Sends `request` on a new connection and reads until the gateway closes it.
+async fn exchange_until_closed(addr: SocketAddr, request: String) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("closed within 10 s")
+        .unwrap();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_held_long_polls_and_ends_event_streams_at_once() {
+    let (sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
+    std::fs::write(
+        &path,
+        config(sim_addr, dir.path(), "[server]\ndrain_timeout = \"20s\"", &[PROJECT]),
+    )
+    .unwrap();
+    let mut gateway = spawn_gateway(&path).await;
+    let job = drs_path("watched");
+    let mut first = TcpStream::connect(gateway.proxy).await.unwrap();
+    let (status, head, _) = raw_get(&mut first, &job).await;
+    assert_eq!(status, 200);
+    let etag = head
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let long_poll = tokio::spawn(exchange_until_closed(
+        gateway.proxy,
+        format!(
+            "GET {job} HTTP/1.1\r\nHost: gw\r\nIf-None-Match: {etag}\r\nPrefer: wait=25\r\nConnection: close\r\n\r\n"
+        ),
+    ));
+    let stream = tokio::spawn(exchange_until_closed(
+        gateway.proxy,
+        format!("GET {job} HTTP/1.1\r\nHost: gw\r\nAccept: text/event-stream\r\n\r\n"),
+    ));
+    // Both are being watched once the gauges say so.
+    let metrics = gateway.admin.unwrap();
+    loop {
+        let text = admin_text(metrics).await;
+        if text.contains("pgw_watchers{kind=\"long-poll\"} 1")
+            && text.contains("pgw_watchers{kind=\"stream\"} 1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = std::time::Instant::now();
+    gateway.signal("TERM");
+    let answer = long_poll.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 304"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("preference-applied: wait=25"));
+    let events = stream.await.unwrap();
+    assert!(events.contains("event: progress"), "{events}");
+    assert!(events.ends_with("retry: 3000\n\n\r\n0\r\n\r\n"), "ends cleanly after a retry: {events:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    exits_zero(&mut gateway, Duration::from_secs(10)).await;
+    drop(sim);
+}
+
+async fn admin_text(addr: SocketAddr) -> String {
+    exchange_until_closed(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".to_string(),
+    )
+    .await
+}
