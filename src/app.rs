@@ -240,9 +240,7 @@ impl App {
             }
         }
         let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| AppError::Bind { addr, source })
+            listen(addr).map_err(|source| AppError::Bind { addr, source })
         };
         let proxy = bind(self.fixed.listen).await?;
         let admin = match self.fixed.admin {
@@ -383,6 +381,24 @@ pub async fn serve(
     Ok(())
 }
 
+/// Connections the kernel queues for the accept loop. tokio's `bind` asks
+/// for 128 on Linux: a burst of pollers reconnecting at once (after a
+/// deploy, or thousands of watchers) overflows that, and each refused SYN
+/// costs its client a one-second retransmit. The kernel caps it at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As tokio's `bind` does: a restarted gateway can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// File descriptors kept for upstream pools, the admin listener, IAM, secret
 /// and log files: client connections may use the rest.
 const RESERVED_FDS: u64 = 256;
@@ -439,6 +455,24 @@ async fn prepare(tenants: Arc<Tenants>, client: Arc<Upstream>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_listener_queues_a_burst_of_connections_beyond_128() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing accepts: every connection waits in the kernel's queue. With
+        // tokio's default backlog the 130th would wait for a SYN retransmit.
+        let mut queued = Vec::new();
+        for i in 0..600 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            let stream = tokio::time::timeout(std::time::Duration::from_millis(500), connect)
+                .await
+                .unwrap_or_else(|_| panic!("connection {i} was not queued"))
+                .unwrap();
+            queued.push(stream);
+        }
+        drop(listener);
+    }
 
     #[test]
     fn connections_are_fitted_to_the_open_files_limit() {

@@ -206,8 +206,8 @@ impl Metrics {
             watch_refusals: Family::default(),
             watch_events: Family::default(),
             held: Family::default(),
-            // 10 µs to about 10 s.
-            watch_wakeup: Histogram::new(exponential_buckets(0.000_01, 4.0, 11)),
+            // 100 µs to about 1.6 s.
+            watch_wakeup: Histogram::new(exponential_buckets(0.000_1, 2.0, 15)),
             registry: Registry::default(),
         };
         let m = &metrics;

@@ -300,7 +300,7 @@ impl Server {
             });
             let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
             let (stop, open) = (shutdown.clone(), open.clone());
-            connections.spawn(async move {
+            let task = async move {
                 let _slot = slot;
                 // Reads are observed above TLS: what counts is request bytes.
                 let serve = async {
@@ -309,16 +309,24 @@ impl Server {
                             let io = Observed::new(stream, &activity);
                             connection(io, &builder, service, &limits, &activity, stop, drain).await
                         }
+                        // Boxed: a TLS connection's state is several KiB
+                        // larger, and every plain connection's task would
+                        // otherwise be sized for it.
                         Some(tls) => {
-                            let acceptor = tls.acceptor.load_full();
-                            match acceptor.accept(stream).await {
-                                Ok(stream) => {
-                                    let io = Observed::new(stream, &activity);
-                                    connection(io, &builder, service, &limits, &activity, stop, drain)
+                            Box::pin(async {
+                                let acceptor = tls.acceptor.load_full();
+                                match acceptor.accept(stream).await {
+                                    Ok(stream) => {
+                                        let io = Observed::new(stream, &activity);
+                                        connection(
+                                            io, &builder, service, &limits, &activity, stop, drain,
+                                        )
                                         .await
+                                    }
+                                    Err(error) => tracing::debug!(%error, "TLS handshake failed"),
                                 }
-                                Err(error) => tracing::debug!(%error, "TLS handshake failed"),
-                            }
+                            })
+                            .await
                         }
                     }
                 };
@@ -332,7 +340,12 @@ impl Server {
                     }
                 }
                 open.remove(id);
-            });
+            };
+            let _ = std::fs::write(
+                "/tmp/pgw-size",
+                format!("task={}", std::mem::size_of_val(&task)),
+            );
+            connections.spawn(task);
         }
         drop(listener);
         connections.close();

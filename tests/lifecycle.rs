@@ -393,7 +393,12 @@ async fn sigterm_answers_held_long_polls_and_ends_event_streams_at_once() {
     let (sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
     std::fs::write(
         &path,
-        config(sim_addr, dir.path(), "[server]\ndrain_timeout = \"20s\"", &[PROJECT]),
+        config(
+            sim_addr,
+            dir.path(),
+            "[server]\ndrain_timeout = \"20s\"",
+            &[PROJECT],
+        ),
     )
     .unwrap();
     let mut gateway = spawn_gateway(&path).await;
@@ -432,10 +437,15 @@ async fn sigterm_answers_held_long_polls_and_ends_event_streams_at_once() {
     gateway.signal("TERM");
     let answer = long_poll.await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 304"), "{answer}");
-    assert!(answer.to_ascii_lowercase().contains("preference-applied: wait=25"));
+    assert!(answer
+        .to_ascii_lowercase()
+        .contains("preference-applied: wait=25"));
     let events = stream.await.unwrap();
     assert!(events.contains("event: progress"), "{events}");
-    assert!(events.ends_with("retry: 3000\n\n\r\n0\r\n\r\n"), "ends cleanly after a retry: {events:?}");
+    assert!(
+        events.ends_with("retry: 3000\n\n\r\n0\r\n\r\n"),
+        "ends cleanly after a retry: {events:?}"
+    );
     assert!(signalled.elapsed() < Duration::from_secs(5));
     exits_zero(&mut gateway, Duration::from_secs(10)).await;
     drop(sim);
