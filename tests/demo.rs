@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-#[tokio::test]
-async fn the_demo_ends_by_itself_with_a_summary() {
+/// Runs the demo with short jobs and `extra` arguments: its output.
+async fn demo(extra: &[&str]) -> String {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_progress-gateway"))
@@ -27,18 +27,25 @@ async fn the_demo_ends_by_itself_with_a_summary() {
                 "--linger",
                 "300ms",
             ])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .output(),
     )
     .await
     .expect("the demo ends")
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    stdout
+}
+
+#[tokio::test]
+async fn the_demo_ends_by_itself_with_a_summary() {
+    let stdout = demo(&[]).await;
     assert!(
         stdout.contains("jobs finished"),
         "plain progress lines: {stdout}"
@@ -59,4 +66,30 @@ async fn the_demo_ends_by_itself_with_a_summary() {
         line("client requests") > 10 * line("upstream requests"),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn the_watching_demo_compares_the_same_crowd_polling_and_watching() {
+    let stdout = demo(&["--watch"]).await;
+    assert!(stdout.contains("watchers  jobs finished"), "{stdout}");
+    let row = |label: &str| -> Vec<String> {
+        let l = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} row: {stdout}"));
+        l[label.len() + 2..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let requests: Vec<u64> = row("client requests")
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        requests[1] * 2 < requests[0],
+        "watchers ask far less often: {stdout}"
+    );
+    assert_eq!(row("errors"), ["0", "0"], "{stdout}");
+    assert!(stdout.contains("fewer; upstream requests"), "{stdout}");
 }
