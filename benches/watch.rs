@@ -248,15 +248,6 @@ async fn h2_streamer(mut sender: H2, path: String, upstream: Arc<Changing>, dela
 /// Watchers per HTTP/2 connection: hyper's default stream limit.
 const STREAMS_PER_H2_CONNECTION: usize = 200;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

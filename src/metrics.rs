@@ -211,118 +211,55 @@ impl Metrics {
             registry: Registry::default(),
         };
         let m = &metrics;
-        registry.register(
-            "requests",
-            "Client requests by route, status and cache outcome",
-            m.requests.clone(),
-        );
-        registry.register(
-            "upstream_requests",
-            "Upstream requests by API, status and outcome",
-            m.upstream_requests.clone(),
-        );
-        registry.register(
-            "upstream_latency_seconds",
-            "Upstream answer latency by API",
-            m.upstream_latency.clone(),
-        );
-        for (name, help, counter) in [
-            (
-                "coalesced_waiters",
-                "Requests that shared another request's upstream fetch",
-                &m.coalesced,
-            ),
-            (
-                "cache_evictions",
-                "Answers evicted to stay within the budget",
-                &m.evictions,
-            ),
-            (
-                "failures_shared",
-                "Requests answered from an upstream failure shared within error_ttl",
-                &m.failures_shared,
-            ),
-            (
-                "upstream_probes",
-                "Requests let upstream to see whether a backed-off API recovered",
-                &m.probes,
-            ),
-            (
-                "upstream_budget_waits",
-                "Fetches that waited for the upstream_rate budget",
-                &m.budget_waits,
-            ),
-            (
-                "refreshes_ahead",
-                "Background refreshes of polled running jobs before their window ends",
-                &m.refreshes_ahead,
-            ),
-        ] {
-            registry.register(name, help, counter.clone());
+        // Metrics of different types, each registered once with its help.
+        macro_rules! register {
+            ($($name:literal: $metric:ident, $help:literal;)*) => {
+                $(registry.register($name, $help, m.$metric.clone());)*
+            };
         }
-        for (name, help, gauge) in [
-            ("cache_entries", "Answers stored", &m.cache_entries),
-            (
-                "log_lines_dropped",
-                "Log lines dropped since start because the log writer fell behind",
-                &m.log_lines_dropped,
-            ),
-            (
-                "cache_bytes",
-                "Bytes weighed against the budget",
-                &m.cache_bytes,
-            ),
-        ] {
-            registry.register(name, help, gauge.clone());
-        }
-        registry.register(
-            "upstream_backoffs",
-            "API and project pairs held back, by cause (throttled: a 429; failing: errors)",
-            m.backoffs.clone(),
-        );
-        registry.register(
-            "consumer_refusals",
-            "Requests refused because their consumer used up its fetch budget",
-            m.consumer_refusals.clone(),
-        );
-        registry.register(
-            "watchers",
-            "Clients watching a job now, by kind (long-poll: requests held; stream: server-sent event streams)",
-            m.watchers.clone(),
-        );
-        registry.register(
-            "watch_refusals",
-            "Watches refused for the watcher limits (long-polls answered at once, streams 429)",
-            m.watch_refusals.clone(),
-        );
-        registry.register(
-            "watch_events",
-            "Server-sent events written, by event",
-            m.watch_events.clone(),
-        );
-        registry.register(
-            "watch_held",
-            "Held long-polls answered, by how they ended",
-            m.held.clone(),
-        );
-        registry.register(
-            "watch_wakeup_seconds",
-            "From an answer landing to a watcher being handed it",
-            m.watch_wakeup.clone(),
-        );
-        for (name, help, family) in [
-            (
-                "credential_refreshes",
-                "Credentials obtained or renewed (IAM tokens)",
-                &m.credential_refreshes,
-            ),
-            (
-                "credential_failures",
-                "Upstream requests that found no usable credential",
-                &m.credential_failures,
-            ),
-        ] {
-            registry.register(name, help, family.clone());
+        register! {
+            "requests": requests,
+                "Client requests by route, status and cache outcome";
+            "upstream_requests": upstream_requests,
+                "Upstream requests by API, status and outcome";
+            "upstream_latency_seconds": upstream_latency,
+                "Upstream answer latency by API";
+            "upstream_backoffs": backoffs,
+                "API and project pairs held back, by cause (throttled: a 429; failing: errors)";
+            "consumer_refusals": consumer_refusals,
+                "Requests refused because their consumer used up its fetch budget";
+            "watchers": watchers,
+                "Clients watching a job now, by kind (long-poll: requests held; stream: server-sent event streams)";
+            "watch_refusals": watch_refusals,
+                "Watches refused for the watcher limits (long-polls answered at once, streams 429)";
+            "watch_events": watch_events,
+                "Server-sent events written, by event";
+            "watch_held": held,
+                "Held long-polls answered, by how they ended";
+            "watch_wakeup_seconds": watch_wakeup,
+                "From an answer landing to a watcher being handed it";
+            "coalesced_waiters": coalesced,
+                "Requests that shared another request's upstream fetch";
+            "cache_evictions": evictions,
+                "Answers evicted to stay within the budget";
+            "failures_shared": failures_shared,
+                "Requests answered from an upstream failure shared within error_ttl";
+            "upstream_probes": probes,
+                "Requests let upstream to see whether a backed-off API recovered";
+            "upstream_budget_waits": budget_waits,
+                "Fetches that waited for the upstream_rate budget";
+            "refreshes_ahead": refreshes_ahead,
+                "Background refreshes of polled running jobs before their window ends";
+            "cache_entries": cache_entries,
+                "Answers stored";
+            "log_lines_dropped": log_lines_dropped,
+                "Log lines dropped since start because the log writer fell behind";
+            "cache_bytes": cache_bytes,
+                "Bytes weighed against the budget";
+            "credential_refreshes": credential_refreshes,
+                "Credentials obtained or renewed (IAM tokens)";
+            "credential_failures": credential_failures,
+                "Upstream requests that found no usable credential";
         }
         Metrics {
             registry,

@@ -138,6 +138,21 @@ async fn setup(
     (sim, sim_addr, dir, path)
 }
 
+/// The binary in front of the simulator, with 20 s to drain.
+async fn draining_gateway(
+    behaviour: Behaviour,
+) -> (
+    progress_gateway::tools::simulator::Simulator,
+    tempfile::TempDir,
+    Process,
+) {
+    let (sim, sim_addr, dir, path) = setup(behaviour).await;
+    let extra = "[server]\ndrain_timeout = \"20s\"";
+    std::fs::write(&path, config(sim_addr, dir.path(), extra, &[PROJECT])).unwrap();
+    let gateway = spawn_gateway(&path).await;
+    (sim, dir, gateway)
+}
+
 /// Waits for the process to end and asserts it exited 0.
 async fn exits_zero(gateway: &mut Process, within: Duration) {
     let exit = tokio::time::timeout(within, gateway.child.wait())
@@ -176,18 +191,7 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
         latency: Duration::from_millis(1500),
         ..Behaviour::default()
     };
-    let (sim, sim_addr, dir, path) = setup(slow).await;
-    std::fs::write(
-        &path,
-        config(
-            sim_addr,
-            dir.path(),
-            "[server]\ndrain_timeout = \"20s\"",
-            &[PROJECT],
-        ),
-    )
-    .unwrap();
-    let mut gateway = spawn_gateway(&path).await;
+    let (sim, _dir, mut gateway) = draining_gateway(slow).await;
 
     let mut in_flight = TcpStream::connect(gateway.proxy).await.unwrap();
     let request = tokio::spawn(async move { raw_get(&mut in_flight, &drs_path("slow")).await });
@@ -390,18 +394,7 @@ async fn exchange_until_closed(addr: SocketAddr, request: String) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_held_long_polls_and_ends_event_streams_at_once() {
-    let (sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
-    std::fs::write(
-        &path,
-        config(
-            sim_addr,
-            dir.path(),
-            "[server]\ndrain_timeout = \"20s\"",
-            &[PROJECT],
-        ),
-    )
-    .unwrap();
-    let mut gateway = spawn_gateway(&path).await;
+    let (sim, _dir, mut gateway) = draining_gateway(Behaviour::default()).await;
     let job = drs_path("watched");
     let mut first = TcpStream::connect(gateway.proxy).await.unwrap();
     let (status, head, _) = raw_get(&mut first, &job).await;

@@ -21,6 +21,16 @@ use tokio_util::sync::CancellationToken;
 #[allow(unused_imports)] // not every bench names the project
 pub use progress_gateway::tools::PROJECT;
 
+/// A process's resident memory, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()

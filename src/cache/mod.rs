@@ -712,7 +712,7 @@ mod tests {
         }
     }
 
-    fn key(job: &str) -> CacheKey {
+    pub(super) fn key(job: &str) -> CacheKey {
         let route = Route {
             api: Api::Roma,
             project: "p",

@@ -152,19 +152,9 @@ impl Drop for Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::tests::key;
     use crate::cache::{CacheStatus, Class, Stored};
-    use crate::route::{Api, Route};
     use crate::upstream::UpstreamResponse;
-
-    fn key(job: &str) -> CacheKey {
-        let route = Route {
-            api: Api::Roma,
-            project: "p",
-            instance: Some("i"),
-            job,
-        };
-        CacheKey::new(&route, None, "token:main")
-    }
 
     fn answer(body: &'static str) -> Answer {
         let response = UpstreamResponse {

@@ -193,6 +193,22 @@ impl Harness {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Reply {
+        let (parts, body) = self.send(addr, method, path, headers).await;
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    /// Sends a request; returns as soon as the head arrives.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (http::response::Parts, hyper::body::Incoming) {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path}"));
@@ -206,12 +222,7 @@ impl Harness {
         .await
         .expect("gateway answered within 30 s")
         .expect("gateway reachable");
-        let (parts, body) = response.into_parts();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
-        }
+        response.into_parts()
     }
 }
 
@@ -260,18 +271,7 @@ impl Streaming {
 impl Harness {
     /// Sends a GET and returns as soon as the head arrives.
     pub async fn open(&self, path: &str, headers: &[(&str, &str)]) -> Streaming {
-        let mut builder = Request::get(format!("http://{}{path}", self.addr));
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        let response = tokio::time::timeout(
-            Duration::from_secs(30),
-            self.client.request(builder.body(Empty::new()).unwrap()),
-        )
-        .await
-        .expect("gateway answered within 30 s")
-        .expect("gateway reachable");
-        let (parts, body) = response.into_parts();
+        let (parts, body) = self.send(self.addr, "GET", path, headers).await;
         Streaming {
             status: parts.status,
             headers: parts.headers,
