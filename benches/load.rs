@@ -280,6 +280,7 @@ fn main() {
                 api: Api::Roma,
                 url: String::new(),
                 project: PROJECT.into(),
+                job: job.clone(),
                 credential: credential.clone(),
                 language: None,
                 request_id: String::new(),

@@ -1,4 +1,5 @@
-//! The admin listener, apart from the proxy: `/metrics` (Prometheus),
+//! The admin listener, apart from the proxy: `/` (the operator's page, fed
+//! by `/events`; see [`crate::dashboard`]), `/metrics` (Prometheus),
 //! `/healthz` (the process is alive) and `/readyz` (listening, and every
 //! project has a usable credential; otherwise 503 naming those that do not).
 
@@ -6,15 +7,17 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::credentials::redact;
+use crate::dashboard::Dashboard;
 use crate::error::chain;
 use crate::metrics::{LogDrops, Metrics};
-use crate::proxy::{new_request_id, Gateway};
+use crate::proxy::{new_request_id, Body, Gateway};
 
-const PATHS: &str = "/metrics, /healthz and /readyz";
+const PATHS: &str = "/ (the operator's page), /events, /metrics, /healthz and /readyz";
 
 #[derive(Clone)]
 pub struct Admin {
@@ -22,19 +25,34 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// The log writer's drop count, where the process has one.
     pub log_drops: Option<LogDrops>,
+    pub dashboard: Arc<Dashboard>,
+    /// Ends the page's event streams when the gateway stops.
+    pub stopping: CancellationToken,
 }
 
 impl crate::server::Handler for Admin {
-    type Body = Full<Bytes>;
+    type Body = Body;
 
-    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        self.answer(&request)
+    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Body> {
+        if request.uri().path() == "/events" {
+            let mut response =
+                Response::new(Either::Right(self.dashboard.events(self.stopping.clone())));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            return response;
+        }
+        self.answer(&request).map(Either::Left)
     }
 }
 
 impl Admin {
     pub fn answer<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
         match request.uri().path() {
+            "/" => page(),
             "/metrics" => {
                 self.sample_states();
                 let text = redact(&self.metrics.encode()).into_owned();
@@ -81,16 +99,15 @@ impl Admin {
     }
 
     fn readiness(&self) -> Response<Full<Bytes>> {
-        let tenants = self.gateway.tenants();
-        let mut unready: Vec<_> = tenants
-            .projects
-            .values()
-            .filter_map(|p| {
-                let reason = p.credential.unready(&p.id)?;
-                Some(json!({"project": p.id, "credential": p.credential.name, "reason": redact(&chain(&reason))}))
+        let unready: Vec<_> = self
+            .gateway
+            .tenants()
+            .unready()
+            .into_iter()
+            .map(|(project, credential, reason)| {
+                json!({"project": project, "credential": credential, "reason": redact(&chain(&reason))})
             })
             .collect();
-        unready.sort_by(|a, b| a["project"].as_str().cmp(&b["project"].as_str()));
         let listening = self.gateway.is_listening();
         let ready = listening && unready.is_empty();
         let status = if ready {
@@ -103,6 +120,28 @@ impl Admin {
             &json!({"ready": ready, "listening": listening, "unready": unready}),
         )
     }
+}
+
+/// The operator's page, with headers that keep it self-contained: it may
+/// load nothing from elsewhere, and nothing may frame it.
+fn page() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(
+        crate::dashboard::PAGE.as_bytes(),
+    )));
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("content-type", "text/html; charset=utf-8"),
+        ("cache-control", "no-cache"),
+        (
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {

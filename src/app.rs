@@ -25,6 +25,7 @@ use crate::cache::Cache;
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::consumers::{ConsumerError, Consumers};
 use crate::credentials::{Credential, Registry};
+use crate::dashboard::Dashboard;
 use crate::fetch::{Exchange, Fetch};
 use crate::metrics::{LogDrops, Metrics};
 use crate::proxy::{Gateway, Project, Tenants};
@@ -253,10 +254,14 @@ impl App {
         let proxy_addr = proxy.local_addr().expect("bound");
         let admin_addr = admin.as_ref().map(|a| a.local_addr().expect("bound"));
         if let Some(listener) = admin {
+            let dashboard = Arc::new(Dashboard::new(app.gateway.clone(), app.metrics.clone()));
+            servers.spawn(dashboard.clone().run(shutdown.clone()));
             let admin = Arc::new(Admin {
                 gateway: app.gateway.clone(),
                 metrics: app.metrics.clone(),
                 log_drops: app.log_drops.clone(),
+                dashboard,
+                stopping: shutdown.clone(),
             });
             servers.spawn(Server::new(listener).serve(admin, shutdown.clone()));
         }

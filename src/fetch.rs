@@ -33,6 +33,8 @@ pub struct FetchRequest {
     /// The region's base URL and the validated upstream path.
     pub url: String,
     pub project: String,
+    /// The job ID (`instance/job` for ROMA), as the operator's page names it.
+    pub job: String,
     pub credential: Arc<Credential>,
     /// Normalised `X-Language` (part of the cache key, so it may be sent).
     pub language: Option<String>,
@@ -182,6 +184,7 @@ mod tests {
             api: Api::Drs,
             url: format!("http://{sim}/v5/{PROJECT}/jobs/job-1/export/progress"),
             project: PROJECT.into(),
+            job: "job-1".into(),
             credential: Arc::new(credential),
             language: Some("zh-cn".into()),
             request_id: "req-1".into(),

@@ -21,9 +21,10 @@
 //!
 //! Beside it: [`config`] (the file, checked into plain data), [`consumers`]
 //! (who may use the gateway), [`error`] (every gateway error mapped to a
-//! status and a Huawei-shaped body), [`admin`] and [`metrics`] (the operator's
-//! view), [`signal`] (SIGHUP, SIGTERM, SIGINT) and, behind the `tools`
-//! feature, `tools` (the upstream simulator and the demo).
+//! status and a Huawei-shaped body), [`admin`], [`dashboard`] (the operator's
+//! page) and [`metrics`] (the operator's view), [`signal`] (SIGHUP, SIGTERM,
+//! SIGINT) and, behind the `tools` feature, `tools` (the upstream simulator
+//! and the demo).
 //!
 //! Dependencies point one way, down that list: no module imports one that
 //! imports it back.
@@ -34,6 +35,7 @@ pub mod cache;
 pub mod config;
 pub mod consumers;
 pub mod credentials;
+pub mod dashboard;
 pub mod error;
 pub mod fetch;
 pub mod metrics;

@@ -6,8 +6,12 @@
 //! count hold the handles they need. One `Metrics` lives for the whole process,
 //! so a config reload never resets a counter.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -71,6 +75,19 @@ struct EventLabels {
 struct HeldLabels {
     /// How a held long-poll ended: `changed`, `timeout` or `shutdown`.
     outcome: &'static str,
+}
+
+/// Running totals for the operator's page, which shows rates from their
+/// differences (the labelled families are for Prometheus).
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub requests: AtomicU64,
+    /// Answered without a fetch of their own: hits, shared fetches, stale answers.
+    pub hits: AtomicU64,
+    pub upstream: AtomicU64,
+    /// Upstream exchanges that brought an answer, and their summed latency.
+    pub answered: AtomicU64,
+    pub latency_us: AtomicU64,
 }
 
 /// Counts one watcher of its kind while it lives.
@@ -171,6 +188,9 @@ pub struct Metrics {
     held: Family<HeldLabels, Counter>,
     /// From an answer landing to a watcher being handed it.
     watch_wakeup: Histogram,
+    pub totals: Totals,
+    /// Budget refusals by consumer label, for the operator's page.
+    refusals: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -208,6 +228,8 @@ impl Metrics {
             held: Family::default(),
             // 100 µs to about 1.6 s.
             watch_wakeup: Histogram::new(exponential_buckets(0.000_1, 2.0, 15)),
+            totals: Totals::default(),
+            refusals: Mutex::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -268,6 +290,10 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &'static str, status: u16, cache: &'static str) {
+        self.totals.requests.fetch_add(1, Ordering::Relaxed);
+        if matches!(cache, "HIT" | "COALESCED" | "STALE") {
+            self.totals.hits.fetch_add(1, Ordering::Relaxed);
+        }
         self.requests
             .get_or_create(&RequestLabels {
                 route,
@@ -286,7 +312,11 @@ impl Metrics {
                 outcome: outcome.as_str(),
             })
             .inc();
+        self.totals.upstream.fetch_add(1, Ordering::Relaxed);
         if outcome == Outcome::Answered {
+            self.totals.answered.fetch_add(1, Ordering::Relaxed);
+            let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            self.totals.latency_us.fetch_add(us, Ordering::Relaxed);
             self.upstream_latency
                 .get_or_create(&ApiLabels { api })
                 .observe(took.as_secs_f64());
@@ -304,11 +334,21 @@ impl Metrics {
 
     /// A request refused for its consumer's fetch budget.
     pub fn consumer_refused(&self, consumer: &str) {
+        *self
+            .refusals
+            .lock()
+            .entry(consumer.to_string())
+            .or_default() += 1;
         self.consumer_refusals
             .get_or_create(&ConsumerLabels {
                 consumer: consumer.to_string(),
             })
             .inc();
+    }
+
+    /// Budget refusals so far, by consumer label.
+    pub fn refusals(&self) -> BTreeMap<String, u64> {
+        self.refusals.lock().clone()
     }
 
     /// Counts a watcher of `kind` (`long-poll`, `stream`) until dropped.

@@ -86,6 +86,21 @@ impl Tenants {
             vary,
         }
     }
+
+    /// Projects whose credential cannot be used now: (project, credential
+    /// name, why), by project.
+    pub fn unready(&self) -> Vec<(String, String, crate::credentials::CredentialError)> {
+        let mut unready: Vec<_> = self
+            .projects
+            .values()
+            .filter_map(|p| {
+                let reason = p.credential.unready(&p.id)?;
+                Some((p.id.clone(), p.credential.name.clone(), reason))
+            })
+            .collect();
+        unready.sort_by(|a, b| a.0.cmp(&b.0));
+        unready
+    }
 }
 
 /// Failed consumer-key attempts allowed per client address: this many at
@@ -259,6 +274,7 @@ impl Gateway {
         // Built only when the cache starts a fetch: a hit builds nothing.
         let fetch = || fetch_request(&route, project, language.as_deref(), request_id);
         let answer = self.cache.get(key, scope, fetch).await?;
+        self.cache.asked(&answer);
         trace.cache = Some(answer.status);
         trace.stale = answer.stale;
         let mode = match *request.method() {
@@ -485,6 +501,10 @@ fn fetch_request(
         api: route.api,
         url: format!("{}{}", project.base(route.api), route.upstream_path()),
         project: project.id.clone(),
+        job: match route.instance {
+            Some(instance) => format!("{instance}/{}", route.job),
+            None => route.job.to_string(),
+        },
         credential: project.credential.clone(),
         language: language.map(str::to_string),
         request_id: request_id.to_string(),

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::activity::JobActivity;
 use crate::cache::{Answer, Cache, CacheKey, Class, Scope, StaleReason, Watch};
 use crate::error::GatewayError;
 use crate::fetch::FetchRequest;
@@ -184,6 +185,17 @@ pub struct Watcher {
     stopping: CancellationToken,
     metrics: Arc<Metrics>,
     _counted: Watching,
+    /// The job's counters, where it has some: its watchers include this one.
+    job: Option<Arc<JobActivity>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(job) = &self.job {
+            job.watchers
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl Watcher {
@@ -210,8 +222,15 @@ impl Watcher {
                     retry_after: config.retry,
                 }
             })?;
+        let job = current.stored.activity.clone();
+        if let Some(job) = &job {
+            job.watchers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            subject.cache.activities().touch(job);
+        }
         let mut watcher = Watcher {
             watch,
+            job,
             check_at: Instant::now(),
             subject,
             latest: current,

@@ -29,6 +29,9 @@ struct Script {
     answers: Mutex<Vec<(u16, &'static str)>>,
     delay: Duration,
     calls: AtomicUsize,
+    /// The gateway's metrics, where exchanges are recorded as the real
+    /// upstream exchange records them.
+    metrics: std::sync::OnceLock<Arc<progress_gateway::metrics::Metrics>>,
 }
 
 impl Script {
@@ -37,6 +40,7 @@ impl Script {
             answers: Mutex::new(answers.iter().rev().copied().collect()),
             delay,
             calls: AtomicUsize::new(0),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -63,6 +67,10 @@ impl Fetch for Script {
                     _ => answers.pop().unwrap(),
                 }
             };
+            if let Some(metrics) = self.metrics.get() {
+                let answered = progress_gateway::metrics::Outcome::Answered;
+                metrics.upstream("roma", status, answered, self.delay);
+            }
             Ok(UpstreamResponse {
                 status: StatusCode::from_u16(status).unwrap(),
                 headers: HeaderMap::new(),
@@ -83,7 +91,9 @@ fn config(cache: &str) -> Config {
 }
 
 fn app(cache: &str, script: &Arc<Script>) -> App {
-    App::with_origin(config(cache), script.clone()).unwrap()
+    let app = App::with_origin(config(cache), script.clone()).unwrap();
+    let _ = script.metrics.set(app.metrics().clone());
+    app
 }
 
 fn path(job: &str) -> String {
@@ -454,5 +464,104 @@ mod watching {
         let calls = script.calls();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(script.calls() <= calls + 1, "went cold");
+    }
+}
+
+/// The data behind the operator's page, sampled on paused time.
+mod dashboard {
+    use super::*;
+    use progress_gateway::dashboard::Dashboard;
+
+    fn dashboard(app: &App) -> Dashboard {
+        Dashboard::new(app.gateway().clone(), app.metrics().clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_snapshot_lists_jobs_by_load_with_rates_and_what_they_cost() {
+        let script = Script::new(Duration::from_millis(10), &[(200, RUNNING)]);
+        let app = app("[cache]\nrunning_ttl = \"10s\"", &script);
+        let page = dashboard(&app);
+        for (job, polls) in [("quiet", 1), ("busy", 8), ("middle", 3)] {
+            for _ in 0..polls {
+                get(&app, job).await;
+            }
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let snapshot = page.tick(Duration::from_secs(2));
+        let jobs: Vec<_> = snapshot
+            .jobs
+            .iter()
+            .map(|j| (j.job.as_str(), j.requests_per_s, j.upstream_requests))
+            .collect();
+        assert_eq!(
+            jobs,
+            [
+                ("i/busy", 4.0, 1),
+                ("i/middle", 1.5, 1),
+                ("i/quiet", 0.5, 1)
+            ]
+        );
+        let busy = &snapshot.jobs[0];
+        assert_eq!((busy.api, busy.status.as_str()), ("roma", "RUNNING"));
+        assert_eq!(busy.progress, Some(50.0));
+        // Fetched second, at 20 ms (each fetch takes 10 ms), looked at 530 ms.
+        assert_eq!(busy.age_s, Some(0.51));
+        assert_eq!(
+            (snapshot.client_requests, snapshot.upstream_requests),
+            (12, 3)
+        );
+        let recent = &snapshot.recent;
+        assert_eq!((recent.client_rate, recent.upstream_rate), (6.0, 1.5));
+        assert_eq!(recent.saved_percent, Some(75.0));
+        assert_eq!(recent.hit_percent, Some(75.0));
+        assert_eq!(snapshot.history, [[6.0, 1.5]]);
+
+        // Nobody asks any more: the jobs leave the list after 30 s.
+        let later = page.tick(Duration::from_secs(1));
+        assert_eq!(later.jobs.len(), 3);
+        assert_eq!(later.jobs[0].requests_per_s, 0.0);
+        for _ in 0..30 {
+            page.tick(Duration::from_secs(1));
+        }
+        assert!(page.tick(Duration::from_secs(1)).jobs.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trouble_shows_backoffs_and_budget_refusals() {
+        let script = Script::new(Duration::ZERO, &[(429, r#"{"error_code":"APIGW.0308"}"#)]);
+        let app = app(
+            "[cache]\nretry_after_default = \"20s\"\nwait_timeout = \"1s\"\n\
+             consumer_fetch_rate = 0.001\nconsumer_fetch_burst = 1",
+            &script,
+        );
+        let page = dashboard(&app);
+        assert_eq!(get(&app, "a").await.status, StatusCode::TOO_MANY_REQUESTS);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let trouble = page.tick(Duration::from_secs(1)).trouble;
+        assert_eq!(trouble.backoffs.len(), 1);
+        let backoff = &trouble.backoffs[0];
+        assert_eq!((backoff.api, backoff.cause), ("roma", "throttled"));
+        assert_eq!(backoff.project, PROJECT);
+        assert_eq!(backoff.remaining_s, 15.0);
+        // This config's token file does not exist (the script stands in
+        // for upstream): the page names the credential and why, no value.
+        let credential = &trouble.credentials[0];
+        assert_eq!(
+            (credential.credential.as_str(), credential.project.as_str()),
+            ("main", PROJECT)
+        );
+        assert!(
+            credential.reason.contains("/nonexistent/token"),
+            "{}",
+            credential.reason
+        );
+
+        // The backoff over, the consumer's one fetch is spent: refused.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        script.then(200, RUNNING);
+        assert_eq!(get(&app, "b").await.status, StatusCode::TOO_MANY_REQUESTS);
+        let trouble = page.tick(Duration::from_secs(1)).trouble;
+        assert!(trouble.backoffs.is_empty());
+        assert_eq!(trouble.refusals, [("by-address".to_string(), 1)]);
     }
 }

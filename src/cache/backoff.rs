@@ -49,6 +49,15 @@ pub enum Admit {
     },
 }
 
+/// A pause in force, as the operator's page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InForce {
+    pub api: Api,
+    pub project: String,
+    pub cause: Cause,
+    pub remaining: Duration,
+}
+
 #[derive(Debug)]
 struct Gate {
     until: Instant,
@@ -171,14 +180,26 @@ impl Backoffs {
 
     /// Pairs held back at `now`, by cause: (throttled, failing).
     pub fn in_force(&self, now: Instant) -> (usize, usize) {
-        let gates = self.gates.lock();
-        let held = |cause| {
-            gates
-                .values()
-                .filter(|g| g.cause == cause && g.until > now)
-                .count()
-        };
+        let list = self.list(now);
+        let held = |cause| list.iter().filter(|b| b.cause == cause).count();
         (held(Cause::Throttled), held(Cause::Failing))
+    }
+
+    /// The pauses in force now, longest first.
+    pub fn list(&self, now: Instant) -> Vec<InForce> {
+        let gates = self.gates.lock();
+        let mut list: Vec<_> = gates
+            .iter()
+            .filter(|(_, g)| g.until > now)
+            .map(|((api, project), g)| InForce {
+                api: *api,
+                project: project.clone(),
+                cause: g.cause,
+                remaining: g.until - now,
+            })
+            .collect();
+        list.sort_by_key(|b| std::cmp::Reverse(b.remaining));
+        list
     }
 }
 

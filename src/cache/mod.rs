@@ -20,6 +20,7 @@
 //! the policy; the store's own expiry only frees memory after every stale
 //! window has passed.
 
+pub mod activity;
 pub mod backoff;
 pub mod budget;
 pub mod flight;
@@ -29,7 +30,7 @@ pub mod stored;
 pub mod watch;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +44,7 @@ pub use policy::{CachePolicy, CacheStatus, Class, Freshness, StaleReason};
 pub use stored::Stored;
 pub use watch::{Watch, WatchLimits, Watches};
 
+use activity::{Activities, JobActivity};
 use backoff::{Admit, Backoffs, Cause};
 use budget::Buckets;
 use flight::{Flights, Join, WaitError};
@@ -184,6 +186,8 @@ struct Inner {
     consumer_budget: Buckets<String>,
     /// Watched keys get every answer settled for them, and are kept warm.
     watches: Watches,
+    /// The jobs asked for lately, for the operator's page.
+    activities: Activities,
     origin: Arc<dyn Fetch>,
     metrics: Arc<Metrics>,
 }
@@ -258,6 +262,7 @@ impl Cache {
                 upstream_budget: Buckets::default(),
                 consumer_budget: Buckets::default(),
                 watches: Watches::default(),
+                activities: Activities::default(),
                 origin,
                 metrics,
             }),
@@ -287,6 +292,29 @@ impl Cache {
         &self.inner.watches
     }
 
+    /// The jobs asked for lately; see [`activity`].
+    pub fn activities(&self) -> &Activities {
+        &self.inner.activities
+    }
+
+    /// Counts a client answered with `answer` against its job.
+    pub fn asked(&self, answer: &Answer) {
+        if let Some(activity) = &answer.stored.activity {
+            activity.requests.fetch_add(1, Ordering::Relaxed);
+            self.inner.activities.touch(activity);
+        }
+    }
+
+    /// The stored answer for `key`, fresh or not.
+    pub fn peek(&self, key: &CacheKey) -> Option<Stored> {
+        self.inner.store.get(key)
+    }
+
+    /// The pauses in force now, per API and project.
+    pub fn backoffs(&self) -> Vec<backoff::InForce> {
+        self.inner.backoffs.list(Instant::now())
+    }
+
     /// (API, project) pairs held back now: (throttled, failing).
     pub fn backoffs_in_force(&self) -> (usize, usize) {
         self.inner.backoffs.in_force(Instant::now())
@@ -313,10 +341,10 @@ impl Cache {
                 .as_ref()
                 .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
             if let (Some(stored), Some(Freshness::Fresh { .. })) = (&stored, standing) {
-                if let Some(polled) = &stored.polled {
+                if let (Some(activity), Class::Running) = (&stored.activity, stored.class) {
                     // A load first: most hits find it set and write nothing.
-                    if !polled.load(Ordering::Relaxed) {
-                        polled.store(true, Ordering::Relaxed);
+                    if !activity.polled.load(Ordering::Relaxed) {
+                        activity.polled.store(true, Ordering::Relaxed);
                     }
                 }
                 return Ok(Answer::new(stored.clone(), CacheStatus::Hit));
@@ -452,19 +480,20 @@ impl Cache {
         let retained = request.clone();
         let fetching = inner.origin.clone().fetch(request);
         let inner = self.inner.clone();
-        let (api, project) = (scope.api, scope.project.to_string());
         tokio::spawn(async move {
-            inner.spend_budget(api, &project).await;
+            inner.spend_budget(retained.api, &retained.project).await;
             // A panic below drops `leader` unsettled: the flight is aborted.
             let result = fetching.await;
-            let outcome = inner.settle(&key, api, &project, result, None);
+            let outcome = inner.settle(&key, &retained, result, None);
             let warm = match &outcome {
-                Outcome::Fetched(stored) => stored.polled.clone().map(|p| (stored.stored_at, p)),
+                Outcome::Fetched(stored) if stored.class == Class::Running => {
+                    stored.activity.clone().map(|a| (stored.stored_at, a))
+                }
                 _ => None,
             };
             leader.settle(outcome);
-            if let Some((window, polled)) = warm {
-                inner.keep_warm(key, api, project, retained, window, polled);
+            if let Some((window, activity)) = warm {
+                inner.keep_warm(key, retained, window, activity);
             }
         });
         Started::Waiting(waiter, true)
@@ -499,12 +528,11 @@ impl Inner {
     fn keep_warm(
         self: Arc<Self>,
         key: CacheKey,
-        api: Api,
-        project: String,
         request: FetchRequest,
         mut window: Instant,
-        polled: Arc<AtomicBool>,
+        activity: Arc<JobActivity>,
     ) {
+        let (api, project) = (request.api, request.project.clone());
         tokio::spawn(async move {
             loop {
                 let policy = self.policy.load_full();
@@ -517,7 +545,8 @@ impl Inner {
                 tokio::time::sleep_until(window_end - ahead).await;
                 // Nobody asked during this window and nobody watches: the
                 // job goes cold.
-                if !polled.swap(false, Ordering::Relaxed) && !self.watches.is_watched(&key) {
+                if !activity.polled.swap(false, Ordering::Relaxed) && !self.watches.is_watched(&key)
+                {
                     return;
                 }
                 // Replaced meanwhile (a miss, a terminal answer): that
@@ -546,7 +575,7 @@ impl Inner {
                 refresh.request_id = uuid::Uuid::new_v4().simple().to_string();
                 let result = self.origin.clone().fetch(refresh).await;
                 self.metrics.refreshes_ahead.inc();
-                let outcome = self.settle(&key, api, &project, result, Some(window_end));
+                let outcome = self.settle(&key, &request, result, Some(window_end));
                 let landed = matches!(&outcome, Outcome::Fetched(s) if s.class == Class::Running);
                 leader.settle(outcome);
                 if !landed {
@@ -563,12 +592,11 @@ impl Inner {
     fn settle(
         &self,
         key: &CacheKey,
-        api: Api,
-        project: &str,
+        request: &FetchRequest,
         result: Result<UpstreamResponse, GatewayError>,
         window: Option<Instant>,
     ) -> Outcome {
-        let outcome = self.outcome(key, api, project, result, window);
+        let outcome = self.outcome(key, request, result, window);
         let news = match &outcome {
             Outcome::Fetched(stored) if stored.class != Class::Uncacheable => {
                 Some(Answer::new(stored.clone(), CacheStatus::Hit))
@@ -588,11 +616,19 @@ impl Inner {
     fn outcome(
         &self,
         key: &CacheKey,
-        api: Api,
-        project: &str,
+        request: &FetchRequest,
         result: Result<UpstreamResponse, GatewayError>,
         window: Option<Instant>,
     ) -> Outcome {
+        let (api, project) = (request.api, request.project.as_str());
+        // One record per key, kept by its stored answers.
+        let activity = self
+            .store
+            .get(key)
+            .and_then(|s| s.activity)
+            .unwrap_or_else(|| Arc::new(JobActivity::new(*key, api, project, &request.job)));
+        activity.upstream.fetch_add(1, Ordering::Relaxed);
+        self.activities.touch(&activity);
         let now = Instant::now();
         let policy = self.policy.load();
         // A 200 that is not a JSON object (a captive portal, a WAF page) is
@@ -623,11 +659,7 @@ impl Inner {
         let class = classify(api, response.status, &response.body, policy.terminal(api));
         let status = response.status;
         let mut stored = Stored::new(&response, class, window.unwrap_or(now));
-        if class == Class::Running {
-            // One flag per key while it is kept warm.
-            let previous = self.store.get(key).and_then(|s| s.polled);
-            stored.polled = Some(previous.unwrap_or_default());
-        }
+        stored.activity = Some(activity);
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry_after(
                 &response.headers,
@@ -803,6 +835,7 @@ mod tests {
             api: Api::Roma,
             url: "http://upstream.invalid/".into(),
             project: "p".into(),
+            job: "i/j".into(),
             credential: Arc::new(Credential::new(
                 "main",
                 CredentialSpec::Token(Origin::Env("UNUSED".into())),

@@ -1,6 +1,5 @@
 //! A stored answer: an upstream response copied into one compact allocation.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -8,6 +7,7 @@ use http::{HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use super::activity::JobActivity;
 use super::policy::Class;
 use crate::credentials::redact_bytes;
 use crate::upstream::UpstreamResponse;
@@ -30,10 +30,9 @@ pub struct Stored {
     /// When its freshness window began: when it was fetched, or for an answer
     /// refreshed ahead, when the previous one's window ended.
     pub stored_at: Instant,
-    /// Set by every hit on a running answer, so the refresh ahead of the
-    /// window's end knows the job is still being polled. Shared by the
-    /// answers of one key while it is kept warm.
-    pub polled: Option<Arc<AtomicBool>>,
+    /// The job's counters, shared by the answers of one key (see
+    /// [`super::activity`]); set when the answer is settled.
+    pub activity: Option<Arc<JobActivity>>,
 }
 
 impl Stored {
@@ -81,7 +80,7 @@ impl Stored {
             class,
             retry_after: 0,
             stored_at,
-            polled: None,
+            activity: None,
         }
     }
 
@@ -128,7 +127,10 @@ impl Stored {
 
     /// Bytes weighed against the budget beyond the store's own bookkeeping.
     pub fn weight(&self) -> usize {
-        self.data.len() + std::mem::size_of::<Stored>()
+        let activity = self.activity.as_ref().map_or(0, |a| {
+            std::mem::size_of::<JobActivity>() + a.project.len() + a.job.len() + 16
+        });
+        self.data.len() + std::mem::size_of::<Stored>() + activity
     }
 }
 
