@@ -374,7 +374,12 @@ impl Stream {
                 // client must learn to stop.
                 let retry = format!("retry: {}\n", self.retry_ms);
                 if !skip || self.watcher.latest.stored.class != Class::Running {
-                    return Some(Bytes::from(retry + &self.event()));
+                    let mut first = retry + &self.event();
+                    // A stale answer to start with is said to be stale.
+                    if self.watcher.latest.stale.is_some() && matches!(self.phase, Phase::Live) {
+                        first.push_str(&self.event());
+                    }
+                    return Some(Bytes::from(first));
                 }
                 let latest = &self.watcher.latest;
                 self.told = Some((latest.stored.etag(), latest.stale.is_some()));

@@ -418,6 +418,32 @@ mod watching {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_stream_opened_on_a_stale_answer_says_so_at_once() {
+        let script = Script::new(Duration::ZERO, &[(200, RUNNING)]);
+        let app = app(
+            "[cache]\nrunning_ttl = \"1s\"\nstale_if_error = \"1h\"\nrefresh_ahead = \"0s\"",
+            &script,
+        );
+        get(&app, "j").await;
+        script.then(503, r#"{"error_code":"APIGW.0101","error_msg":"down"}"#);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let request = Request::get(path("j"))
+            .header("accept", "text/event-stream")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let mut body = app.gateway().answer(request).await.into_body();
+        let first = frame(&mut body).await.unwrap();
+        let (progress, stale) = first.split_once("\n\n").unwrap();
+        assert!(progress.contains("event: progress\n"), "{first}");
+        assert!(
+            stale.starts_with(
+                "event: stale\ndata: {\"reason\":\"upstream-error\",\"age_seconds\":5}"
+            ),
+            "{first}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_stream_keeps_alive_after_15_s_ends_after_max_stream_and_stops_refreshing() {
         let script = Script::new(Duration::from_millis(10), &[(200, RUNNING)]);
         let app = app(
