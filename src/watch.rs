@@ -263,7 +263,13 @@ impl Watcher {
                     }
                 }
                 () = tokio::time::sleep_until(self.check_at) => {
-                    self.look().await;
+                    // A look may wait for a shared fetch: stopping does not.
+                    let stopping = self.stopping.clone();
+                    tokio::select! {
+                        biased;
+                        () = stopping.cancelled() => return Next::Stopping,
+                        () = self.look() => {}
+                    }
                     if news(&self.latest) {
                         return Next::Changed;
                     }
