@@ -14,6 +14,7 @@
 //! a hit.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,15 +193,14 @@ pub struct Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         if let Some(job) = &self.job {
-            job.watchers
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            job.watchers.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Watcher {
-    /// Starts watching `subject`, whose answer was `current`; `None` when
-    /// the limits are reached.
+    /// Starts watching `subject`, whose answer was `current`; refused with
+    /// `TooManyWatchers` beyond the limits.
     pub fn start(
         subject: Subject,
         current: Answer,
@@ -224,10 +224,17 @@ impl Watcher {
             })?;
         let job = current.stored.activity.clone();
         if let Some(job) = &job {
-            job.watchers
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            job.watchers.fetch_add(1, Ordering::Relaxed);
             subject.cache.activities().touch(job);
         }
+        // An answer stored between the request's lookup and the subscription
+        // was published to nobody: take it from the store.
+        let current = match subject.cache.peek(&subject.key) {
+            Some(stored) if stored.etag() != current.stored.etag() => {
+                Answer::new(stored, crate::cache::CacheStatus::Hit)
+            }
+            _ => current,
+        };
         let mut watcher = Watcher {
             watch,
             job,
@@ -245,8 +252,7 @@ impl Watcher {
     /// Waits until `news` says the latest answer is news, `until` passes, or
     /// the gateway stops.
     pub async fn next(&mut self, until: Instant, news: impl Fn(&Answer) -> bool) -> Next {
-        // An answer that landed between the request's lookup and the
-        // subscription is found here: a hit.
+        // Already news when it started (see `start`).
         if news(&self.latest) {
             return Next::Changed;
         }
