@@ -288,9 +288,11 @@ impl Gateway {
                 .respond(answer, request, request_id, &tenants.vary)
                 .map(Either::Left))
         };
+        if mode == Mode::Plain {
+            return plain(&answer);
+        }
         let etag = answer.stored.etag();
         match mode {
-            Mode::Plain => return plain(&answer),
             Mode::LongPoll(_) if !watchable || !etag_matches(request.headers(), &etag) => {
                 return plain(&answer)
             }

@@ -23,6 +23,9 @@ use tokio::time::Instant;
 const RUNNING: &str =
     r#"{"id":"j","type":"exportAsset","status":"RUNNING","progress_percent":0.5}"#;
 
+/// Huawei's shape of a 503 upstream.
+const UPSTREAM_DOWN: &str = r#"{"error_code":"APIGW.0101","error_msg":"down"}"#;
+
 /// Answers every fetch from a script (the last answer repeats) after a delay,
 /// and counts the fetches.
 struct Script {
@@ -179,7 +182,7 @@ async fn stale_if_error_serves_the_last_answer_until_its_window_ends() {
         &script,
     );
     let fresh = get(&app, "j").await;
-    script.then(503, r#"{"error_code":"APIGW.0101","error_msg":"down"}"#);
+    script.then(503, UPSTREAM_DOWN);
 
     tokio::time::advance(Duration::from_secs(5)).await;
     let stale = get(&app, "j").await;
@@ -412,6 +415,15 @@ mod watching {
         );
     }
 
+    /// An event stream on `job`'s answer: its body.
+    async fn open_stream(app: &App, job: &str) -> Body {
+        let request = Request::get(path(job))
+            .header("accept", "text/event-stream")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        app.gateway().answer(request).await.into_body()
+    }
+
     async fn frame(body: &mut Body) -> Option<String> {
         let frame = body.frame().await?.unwrap();
         Some(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap())
@@ -425,13 +437,9 @@ mod watching {
             &script,
         );
         get(&app, "j").await;
-        script.then(503, r#"{"error_code":"APIGW.0101","error_msg":"down"}"#);
+        script.then(503, UPSTREAM_DOWN);
         tokio::time::advance(Duration::from_secs(5)).await;
-        let request = Request::get(path("j"))
-            .header("accept", "text/event-stream")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let mut body = app.gateway().answer(request).await.into_body();
+        let mut body = open_stream(&app, "j").await;
         let first = frame(&mut body).await.unwrap();
         let (progress, stale) = first.split_once("\n\n").unwrap();
         assert!(progress.contains("event: progress\n"), "{first}");
@@ -450,11 +458,7 @@ mod watching {
             "[cache]\nrunning_ttl = \"1s\"\n[watch]\nmax_stream = \"60s\"",
             &script,
         );
-        let request = Request::get(path("j"))
-            .header("accept", "text/event-stream")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let mut body = app.gateway().answer(request).await.into_body();
+        let mut body = open_stream(&app, "j").await;
         let first = frame(&mut body).await.unwrap();
         let opened = Instant::now();
         assert!(
@@ -473,12 +477,8 @@ mod watching {
 
         // Another job, never changing: its stream ends within 60 s ± 10 %.
         script.then(200, RUNNING);
-        let request = Request::get(path("k"))
-            .header("accept", "text/event-stream")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
         let opened = Instant::now();
-        let mut body = app.gateway().answer(request).await.into_body();
+        let mut body = open_stream(&app, "k").await;
         while frame(&mut body).await.is_some() {}
         let lasted = Instant::now() - opened;
         assert!(

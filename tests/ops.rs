@@ -326,17 +326,23 @@ async fn an_idle_keep_alive_connection_lives_past_the_head_deadline() {
     }
 }
 
-#[tokio::test]
-async fn http2_cleartext_is_served() {
-    let h = start("").await;
-    let stream = TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+/// An HTTP/2 connection by prior knowledge (h2c) to `addr`.
+async fn h2c(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(stream),
     )
     .await
     .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test]
+async fn http2_cleartext_is_served() {
+    let h = start("").await;
+    let mut sender = h2c(h.addr).await;
     let request = Request::get(format!("http://{}{}", h.addr, roma_path("h2")))
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -550,14 +556,7 @@ async fn a_silent_http2_client_is_disconnected() {
             }
         }
     });
-    let stream = TcpStream::connect(relay_addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(relay_addr).await;
     let request = Request::get(format!("http://{gateway}{}", roma_path("h2-silent")))
         .body(Empty::<Bytes>::new())
         .unwrap();

@@ -785,6 +785,15 @@ mod tests {
         }
     }
 
+    /// An upstream answering a running job after `delay`, under a cache
+    /// with the default test policy.
+    fn running_upstream(delay: Duration) -> (Script, Cache) {
+        let up = Script::new(delay);
+        let cache = up.cache(policy());
+        up.then(Ok(response(200, RUNNING)));
+        (up, cache)
+    }
+
     impl Script {
         fn new(delay: Duration) -> Self {
             Script {
@@ -874,9 +883,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn running_answer_is_fresh_for_the_ttl_then_refetched() {
-        let up = Script::new(Duration::ZERO);
-        let cache = up.cache(policy());
-        up.then(Ok(response(200, RUNNING)));
+        let (up, cache) = running_upstream(Duration::ZERO);
         assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Miss);
         tokio::time::advance(Duration::from_millis(999)).await;
         assert_eq!(get(&cache, "j").await.unwrap().status, CacheStatus::Hit);
@@ -1020,9 +1027,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_instantly_failing_upstream_costs_no_more_than_a_healthy_one() {
         // 20 pollers of K = 1 job every 50 ms for D = 10 s, TTL 1 s.
-        let up = Script::new(Duration::ZERO);
-        let cache = up.cache(policy());
-        up.then(Ok(response(200, RUNNING)));
+        let (up, cache) = running_upstream(Duration::ZERO);
         get(&cache, "j").await.unwrap();
         up.now(Ok(response(503, "{}")));
         let mut stale = 0;
@@ -1069,9 +1074,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn when_a_backoff_ends_one_request_probes_and_the_rest_keep_their_stale_answer() {
-        let up = Script::new(Duration::from_millis(100));
-        let cache = up.cache(policy());
-        up.then(Ok(response(200, RUNNING)));
+        let (up, cache) = running_upstream(Duration::from_millis(100));
         get(&cache, "j").await.unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
         up.now(Ok(response(429, "{}")));
@@ -1097,9 +1100,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_html_200_never_displaces_the_last_good_answer() {
-        let up = Script::new(Duration::ZERO);
-        let cache = up.cache(policy());
-        up.then(Ok(response(200, RUNNING)));
+        let (up, cache) = running_upstream(Duration::ZERO);
         get(&cache, "j").await.unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
         up.now(Ok(response(200, "<html>Please log in to the Wi-Fi</html>")));
@@ -1183,9 +1184,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_requests_share_one_fetch() {
-        let up = Script::new(Duration::from_millis(20));
-        let cache = up.cache(policy());
-        up.then(Ok(response(200, RUNNING)));
+        let (up, cache) = running_upstream(Duration::from_millis(20));
         let tasks: Vec<_> = (0..100)
             .map(|_| {
                 let cache = cache.clone();
@@ -1212,9 +1211,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_gives_up_after_the_wait_timeout_but_the_fetch_lands() {
-        let up = Script::new(Duration::from_secs(8));
-        let cache = up.cache(policy());
-        up.then(Ok(response(200, RUNNING)));
+        let (up, cache) = running_upstream(Duration::from_secs(8));
         let err = get(&cache, "j").await.unwrap_err();
         assert!(matches!(*err, GatewayError::WaitTimeout(_)));
         tokio::time::advance(Duration::from_secs(3)).await;
