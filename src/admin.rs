@@ -11,6 +11,7 @@ use http_body_util::{Either, Full};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::SharedState;
 use crate::credentials::redact;
 use crate::dashboard::Dashboard;
 use crate::error::chain;
@@ -96,6 +97,12 @@ impl Admin {
         }
         let (throttled, failing) = cache.backoffs_in_force();
         self.metrics.set_backoffs(throttled, failing);
+        let shared = match cache.shared().map(|s| s.state()) {
+            None => 0,
+            Some(SharedState::Up) => 1,
+            Some(SharedState::LocalOnly) => 2,
+        };
+        self.metrics.shared_state.set(shared);
     }
 
     fn readiness(&self) -> Response<Full<Bytes>> {
@@ -115,9 +122,17 @@ impl Admin {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
+        // Redis trouble never makes a replica unready: it serves alone.
+        let shared = match self.gateway.cache().shared() {
+            None => json!({"state": "off"}),
+            Some(shared) => json!({
+                "state": shared.state().as_str(),
+                "subscribed": shared.subscribed(),
+            }),
+        };
         json_response(
             status,
-            &json!({"ready": ready, "listening": listening, "unready": unready}),
+            &json!({"ready": ready, "listening": listening, "unready": unready, "shared": shared}),
         )
     }
 }

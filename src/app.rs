@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::cache::Cache;
+use crate::cache::shared::SharedError;
+use crate::cache::{Cache, Shared, SharedConfig};
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::consumers::{ConsumerError, Consumers};
 use crate::credentials::{Credential, Registry};
@@ -52,6 +53,8 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("shared tier")]
+    Shared(#[from] SharedError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
 }
@@ -61,7 +64,10 @@ impl AppError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            AppError::Config { .. } | AppError::Tls(_) | AppError::Consumer(_)
+            AppError::Config { .. }
+                | AppError::Tls(_)
+                | AppError::Consumer(_)
+                | AppError::Shared(_)
         )
     }
 }
@@ -101,6 +107,7 @@ struct Fixed {
     admin: Option<SocketAddr>,
     server: ServerConfig,
     max_bytes: bytesize::ByteSize,
+    shared: SharedConfig,
 }
 
 impl Fixed {
@@ -110,6 +117,7 @@ impl Fixed {
             admin: config.admin,
             server: config.server.clone(),
             max_bytes: config.cache.max_bytes,
+            shared: config.shared.clone(),
         }
     }
 
@@ -121,6 +129,7 @@ impl Fixed {
             (self.listen != next.listen, "listen"),
             (self.admin != next.admin, "admin.listen"),
             (self.max_bytes != next.max_bytes, "cache.max_bytes"),
+            (self.shared != next.shared, "shared"),
             (
                 was.tls() != now.tls(),
                 "server.tls_cert_file / tls_key_file",
@@ -163,7 +172,16 @@ impl App {
         let consumers = Consumers::build(config.server.consumer_key_header(), &config.consumers)?;
         let credentials = registry.update(&config.credentials);
         let fixed = Fixed::of(&config);
-        let cache = Cache::new(config.cache.clone(), origin, metrics.clone());
+        // Lazy: Redis may be down now; the tier connects when it can.
+        let shared = match config.shared.enabled() {
+            true => Some(Shared::new(
+                &config.shared,
+                config.upstream.request_timeout,
+                metrics.clone(),
+            )?),
+            false => None,
+        };
+        let cache = Cache::with_shared(config.cache.clone(), origin, metrics.clone(), shared);
         let gateway = Arc::new(Gateway::new(
             tenants(&config, &credentials, consumers),
             cache,

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::cache::CachePolicy;
+use crate::cache::SharedConfig;
 use crate::consumers::{ConsumerSpec, KeySpec};
 use crate::credentials::{AkSkSpec, CredentialSpec, IamSpec, Origin};
 use crate::route;
@@ -58,6 +59,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CachePolicy,
     pub watch: WatchConfig,
+    /// The fleet's shared tier (off unless `redis_url` is set).
+    pub shared: SharedConfig,
     /// By name; every one is used by a project or not, as written.
     pub credentials: BTreeMap<String, CredentialSpec>,
     pub consumers: BTreeMap<String, ConsumerSpec>,
@@ -148,6 +151,8 @@ struct RawConfig {
     cache: CachePolicy,
     #[serde(default)]
     watch: WatchConfig,
+    #[serde(default)]
+    shared: SharedConfig,
     #[serde(default)]
     regions: BTreeMap<String, RawRegion>,
     #[serde(default)]
@@ -252,6 +257,10 @@ struct Positions {
     upstream: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
     cache: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    watch: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    shared: BTreeMap<String, Spanned<toml::Value>>,
 }
 
 /// Builds positioned errors over one file's text.
@@ -277,6 +286,8 @@ impl Text<'_> {
             "server" => &positions.server,
             "admin" => &positions.admin,
             "upstream" => &positions.upstream,
+            "watch" => &positions.watch,
+            "shared" => &positions.shared,
             _ => &positions.cache,
         };
         let span = table.get(key).map_or(0..0, Spanned::span);
@@ -414,6 +425,7 @@ impl Config {
             upstream: raw.upstream,
             cache: raw.cache,
             watch: raw.watch,
+            shared: raw.shared,
             credentials,
             consumers,
             projects,
@@ -431,6 +443,7 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// overflow the arithmetic done with it or make the gateway wait for ever.
 fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError> {
     let (c, u, s, w) = (&raw.cache, &raw.upstream, &raw.server, &raw.watch);
+    let sh = &raw.shared;
     let zero = Duration::ZERO;
     let one_ms = Duration::from_millis(1);
     let ranges = [
@@ -504,6 +517,29 @@ fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError>
         ("watch", "max_stream", w.max_stream, SECOND, DAY),
         ("watch", "keepalive", w.keepalive, 10 * one_ms, HOUR),
         ("watch", "retry", w.retry, zero, HOUR),
+        (
+            "shared",
+            "call_timeout",
+            sh.call_timeout,
+            one_ms,
+            10 * SECOND,
+        ),
+        (
+            "shared",
+            "lock_ttl",
+            sh.lock_ttl.unwrap_or(SECOND),
+            SECOND,
+            HOUR,
+        ),
+        ("shared", "recheck", sh.recheck, one_ms, MINUTE),
+        (
+            "shared",
+            "breaker_cooldown",
+            sh.breaker_cooldown,
+            zero,
+            HOUR,
+        ),
+        ("shared", "terminal_ttl", sh.terminal_ttl, SECOND, 365 * DAY),
     ];
     for (section, key, value, min, max) in ranges {
         if value < min || value > max {
@@ -513,6 +549,24 @@ fn check_plain_sections(text: &Text, raw: &RawConfig) -> Result<(), ConfigError>
             );
             return Err(text.at(section, key, format!("must be from {min} to {max}")));
         }
+    }
+    if sh.enabled() {
+        sh.check_url()
+            .map_err(|message| text.at("shared", "redis_url", message))?;
+    }
+    if sh.password_env.is_some() && sh.password_file.is_some() {
+        return Err(text.at(
+            "shared",
+            "password_file",
+            "set password_env or password_file, not both",
+        ));
+    }
+    if sh.key_prefix.len() > 64 || sh.key_prefix.contains(char::is_whitespace) {
+        return Err(text.at(
+            "shared",
+            "key_prefix",
+            "must be at most 64 bytes, without spaces",
+        ));
     }
     if c.retry_after_min > c.retry_after_max {
         return Err(text.at(

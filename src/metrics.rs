@@ -181,6 +181,16 @@ pub struct Metrics {
     pub budget_waits: Counter,
     /// Background refreshes of polled running jobs ahead of their window's end.
     pub refreshes_ahead: Counter,
+    /// Local misses answered from the shared tier (another replica's fetch).
+    pub shared_hits: Counter,
+    /// Fetches this replica waited for while another replica held the fleet lock.
+    pub shared_waits: Counter,
+    /// Fleet locks taken over after their holder vanished (lock expired).
+    pub shared_takeovers: Counter,
+    /// Redis calls that failed or missed their deadline.
+    pub shared_errors: Counter,
+    /// 0: no shared tier; 1: in use; 2: local-only (breaker open).
+    pub shared_state: Gauge,
     consumer_refusals: Family<ConsumerLabels, Counter>,
     watchers: Family<KindLabels, Gauge>,
     watch_refusals: Family<KindLabels, Counter>,
@@ -221,6 +231,11 @@ impl Metrics {
             probes: Counter::default(),
             budget_waits: Counter::default(),
             refreshes_ahead: Counter::default(),
+            shared_hits: Counter::default(),
+            shared_waits: Counter::default(),
+            shared_takeovers: Counter::default(),
+            shared_errors: Counter::default(),
+            shared_state: Gauge::default(),
             consumer_refusals: Family::default(),
             watchers: Family::default(),
             watch_refusals: Family::default(),
@@ -272,6 +287,16 @@ impl Metrics {
                 "Fetches that waited for the upstream_rate budget";
             "refreshes_ahead": refreshes_ahead,
                 "Background refreshes of polled running jobs before their window ends";
+            "shared_hits": shared_hits,
+                "Local misses answered from the shared tier, fetched by another replica";
+            "shared_waits": shared_waits,
+                "Fetches that waited for another replica holding the fleet lock";
+            "shared_lock_takeovers": shared_takeovers,
+                "Fleet locks taken over after their holder vanished";
+            "shared_errors": shared_errors,
+                "Redis calls that failed or missed their deadline";
+            "shared_state": shared_state,
+                "Shared tier: 0 off, 1 in use, 2 local-only while Redis fails";
             "cache_entries": cache_entries,
                 "Answers stored";
             "log_lines_dropped": log_lines_dropped,
@@ -291,7 +316,7 @@ impl Metrics {
 
     pub fn request(&self, route: &'static str, status: u16, cache: &'static str) {
         self.totals.requests.fetch_add(1, Ordering::Relaxed);
-        if matches!(cache, "HIT" | "COALESCED" | "STALE") {
+        if matches!(cache, "HIT" | "SHARED" | "COALESCED" | "STALE") {
             self.totals.hits.fetch_add(1, Ordering::Relaxed);
         }
         self.requests

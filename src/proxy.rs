@@ -536,6 +536,13 @@ fn cache_status(answer: &Answer, ttl: Option<i64>) -> HeaderValue {
             None => HeaderValue::from_static(HIT),
             Some(ttl) => HeaderValue::from_str(&format!("{HIT}; ttl={ttl}")).expect("digits"),
         },
+        // RFC 9211 §2.8: `detail` says where the hit came from.
+        CacheStatus::Shared => match ttl {
+            None => HeaderValue::from_static("progress-gateway; hit; detail=shared"),
+            Some(ttl) => {
+                HeaderValue::from_str(&format!("{HIT}; ttl={ttl}; detail=shared")).expect("digits")
+            }
+        },
         CacheStatus::Stale => {
             let detail = answer.stale.map_or("stale", StaleReason::as_str);
             let ttl = ttl.unwrap_or(-1).min(-1);

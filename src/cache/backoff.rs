@@ -118,7 +118,8 @@ impl Backoffs {
     }
 
     /// Upstream answered (anything but a 429 or a failure): open again.
-    pub fn succeeded(&self, api: Api, project: &str) {
+    /// True if a pause was lifted.
+    pub fn succeeded(&self, api: Api, project: &str) -> bool {
         let removed = {
             let mut gates = self.gates.lock();
             !gates.is_empty() && gates.remove(&(api, project.to_string())).is_some()
@@ -126,6 +127,36 @@ impl Backoffs {
         if removed {
             self.changed.send_modify(|n| *n += 1);
         }
+        removed
+    }
+
+    /// The pause in force for (API, project), if any: its cause and what is left.
+    pub fn pause_of(&self, api: Api, project: &str, now: Instant) -> Option<(Cause, Duration)> {
+        let gates = self.gates.lock();
+        let gate = gates.get(&(api, project.to_string()))?;
+        (gate.until > now).then(|| (gate.cause, gate.until - now))
+    }
+
+    /// Another replica paused (API, project) for `remaining`: pause here too,
+    /// unless a longer pause is already in force.
+    pub fn adopt(&self, api: Api, project: &str, now: Instant, cause: Cause, remaining: Duration) {
+        let until = saturating_add(now, remaining);
+        {
+            let mut gates = self.gates.lock();
+            let gate = gates.entry((api, project.to_string())).or_insert(Gate {
+                until: now,
+                cause,
+                failures: 0,
+                probe_until: None,
+            });
+            if gate.until >= until {
+                return;
+            }
+            gate.until = until;
+            gate.cause = cause;
+            gate.probe_until = None;
+        }
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Upstream failed: pause for `pause(failures so far)`.

@@ -35,6 +35,20 @@ impl CacheKey {
     }
 }
 
+impl CacheKey {
+    /// As the shared tier names it (32 hex digits).
+    pub fn hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    pub fn from_hex(hex: &str) -> Option<CacheKey> {
+        (hex.len() == 32)
+            .then(|| u128::from_str_radix(hex, 16).ok())
+            .flatten()
+            .map(CacheKey)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +68,7 @@ mod tests {
         assert_ne!(base, CacheKey::new(&route("p"), Some("en-us"), "token:b"));
         assert_ne!(base, CacheKey::new(&route("p"), None, "token:a"));
         assert_eq!(base, CacheKey::new(&route("p"), Some("en-us"), "token:a"));
+        assert_eq!(CacheKey::from_hex(&base.hex()), Some(base));
+        assert_eq!(CacheKey::from_hex("+1"), None);
     }
 }

@@ -9,6 +9,8 @@
 //! - [`backoff`]: per API and project, a pause after a 429 or after
 //!   consecutive failures, then one probe at a time.
 //! - [`budget`]: token buckets for the upstream rate and each consumer's fetches.
+//! - [`shared`]: the optional second tier in Redis, which makes the single
+//!   flight, the backoffs and the budget fleet-wide.
 //!
 //! A failure is shared like an answer: for `error_ttl` everyone polling that
 //! job gets the stale answer (within `stale_if_error`) or the same error, and
@@ -26,6 +28,7 @@ pub mod budget;
 pub mod flight;
 pub mod key;
 pub mod policy;
+pub mod shared;
 pub mod stored;
 pub mod watch;
 
@@ -41,6 +44,7 @@ use tokio::time::Instant;
 
 pub use key::CacheKey;
 pub use policy::{CachePolicy, CacheStatus, Class, Freshness, StaleReason};
+pub use shared::{Shared, SharedConfig, SharedState};
 pub use stored::Stored;
 pub use watch::{Watch, WatchLimits, Watches};
 
@@ -49,6 +53,7 @@ use backoff::{Admit, Backoffs, Cause};
 use budget::Buckets;
 use flight::{Flights, Join, WaitError};
 use policy::{classify, failure_backoff, freshness, is_json_object, retry_after};
+use shared::{Claim, FleetEvent, Landing, Pause};
 
 use crate::error::{retry_after_secs, GatewayError};
 use crate::fetch::{Fetch, FetchRequest};
@@ -157,9 +162,25 @@ impl Failures {
 enum Outcome {
     /// Upstream answered (stored or not, as its class decides).
     Fetched(Stored),
+    /// Another replica's answer, from the shared tier.
+    Shared(Stored),
+    /// The fleet paused the API and project just now: ask again (the
+    /// request is then held or answered as the pause decides).
+    Paused,
     /// Upstream failed or throttled and an earlier answer stands in for it.
     Stale(Stored, StaleReason),
     Failed(Arc<GatewayError>),
+}
+
+/// What one fetch left behind, for the fleet to share.
+#[derive(Debug, Default)]
+struct Report {
+    /// The answer stored.
+    stored: Option<Stored>,
+    /// A failure recorded: the 5xx answer, or None for no answer at all.
+    failure: Option<Option<Stored>>,
+    /// The pause it began (or ended) for its API and project.
+    pause: Option<Pause>,
 }
 
 /// Bytes counted for each entry beyond its own data: moka's bookkeeping,
@@ -188,6 +209,8 @@ struct Inner {
     watches: Watches,
     /// The jobs asked for lately, for the operator's page.
     activities: Activities,
+    /// The fleet's tier in Redis, when `[shared]` is configured.
+    shared: Option<Arc<Shared>>,
     origin: Arc<dyn Fetch>,
     metrics: Arc<Metrics>,
 }
@@ -236,6 +259,16 @@ impl moka::Expiry<CacheKey, Stored> for KeepFor {
 
 impl Cache {
     pub fn new(policy: CachePolicy, origin: Arc<dyn Fetch>, metrics: Arc<Metrics>) -> Self {
+        Cache::with_shared(policy, origin, metrics, None)
+    }
+
+    /// Like [`Cache::new`], with the fleet's shared tier when there is one.
+    pub fn with_shared(
+        policy: CachePolicy,
+        origin: Arc<dyn Fetch>,
+        metrics: Arc<Metrics>,
+        shared: Option<Shared>,
+    ) -> Self {
         let max_bytes = policy.max_bytes.as_u64();
         let policy = Arc::new(ArcSwap::from_pointee(policy));
         let evictions = metrics.evictions.clone();
@@ -252,21 +285,36 @@ impl Cache {
                 }
             })
             .build();
-        Cache {
-            inner: Arc::new(Inner {
-                policy,
-                store,
-                flights: Flights::default(),
-                backoffs: Backoffs::default(),
-                failures: Failures::default(),
-                upstream_budget: Buckets::default(),
-                consumer_budget: Buckets::default(),
-                watches: Watches::default(),
-                activities: Activities::default(),
-                origin,
-                metrics,
-            }),
+        let shared = shared.map(Arc::new);
+        let inner = Arc::new(Inner {
+            policy,
+            store,
+            flights: Flights::default(),
+            backoffs: Backoffs::default(),
+            failures: Failures::default(),
+            upstream_budget: Buckets::default(),
+            consumer_budget: Buckets::default(),
+            watches: Watches::default(),
+            activities: Activities::default(),
+            shared: shared.clone(),
+            origin,
+            metrics,
+        });
+        if let Some(shared) = shared {
+            // Weak: the subscriber must not keep the cache alive.
+            let cache = Arc::downgrade(&inner);
+            shared.listen(move |event| {
+                if let Some(inner) = cache.upgrade() {
+                    inner.heard(event);
+                }
+            });
         }
+        Cache { inner }
+    }
+
+    /// The fleet's tier, when configured.
+    pub fn shared(&self) -> Option<&Shared> {
+        self.inner.shared.as_deref()
     }
 
     pub fn policy(&self) -> arc_swap::Guard<Arc<CachePolicy>> {
@@ -333,6 +381,13 @@ impl Cache {
         let Scope { api, project, .. } = scope;
         let deadline = Instant::now() + inner.policy.load().wait_timeout;
         let mut holds = 0;
+        // Built once, on the first fetch, however often the loop comes round.
+        let (mut request, mut built) = (Some(request), None);
+        let mut request = move || -> FetchRequest {
+            built
+                .get_or_insert_with(|| request.take().expect("built once")())
+                .clone()
+        };
         loop {
             let policy = inner.policy.load();
             let now = Instant::now();
@@ -407,10 +462,10 @@ impl Cache {
             }
             if let (Some(stored), Some(Freshness::Revalidate)) = (stored, standing) {
                 // The refresh runs on its own; this request does not wait.
-                let _ = self.join_or_start(key, scope, request);
+                let _ = self.join_or_start(key, scope, &mut request);
                 return Ok(Answer::stale(stored, StaleReason::Revalidating));
             }
-            let (waiter, leader) = match self.join_or_start(key, scope, request) {
+            let (waiter, leader) = match self.join_or_start(key, scope, &mut request) {
                 Started::Found(stored) => return Ok(Answer::new(stored, CacheStatus::Hit)),
                 Started::Refused(retry_after) => {
                     inner.metrics.consumer_refused(scope.consumer_label);
@@ -422,6 +477,14 @@ impl Cache {
                 inner.metrics.coalesced.inc();
             }
             let wait = policy.wait_timeout;
+            let shared = |stored| {
+                let status = if leader {
+                    CacheStatus::Shared
+                } else {
+                    CacheStatus::Coalesced
+                };
+                Ok(Answer::new(stored, status))
+            };
             return match waiter.wait(wait).await {
                 Err(WaitError::Timeout) => Err(Arc::new(GatewayError::WaitTimeout(wait))),
                 Err(WaitError::Aborted) => Err(Arc::new(GatewayError::FetchAborted)),
@@ -433,8 +496,18 @@ impl Cache {
                         CacheStatus::Coalesced
                     },
                 )),
+                Ok(Outcome::Shared(stored)) => shared(stored),
                 Ok(Outcome::Stale(stored, reason)) => Ok(Answer::stale(stored, reason)),
                 Ok(Outcome::Failed(error)) => Err(error),
+                // The pause now in force decides, at the top of the loop.
+                Ok(Outcome::Paused) if holds < 8 => {
+                    holds += 1;
+                    continue;
+                }
+                Ok(Outcome::Paused) => Err(Arc::new(GatewayError::Throttled {
+                    api: api.as_str(),
+                    retry_after: policy.retry_after_default,
+                })),
             };
         }
     }
@@ -476,24 +549,22 @@ impl Cache {
             Join::Lead(leader, waiter) => (leader, waiter),
         };
         let request = request();
-        // Kept for the refreshes ahead of each window's end.
-        let retained = request.clone();
-        let fetching = inner.origin.clone().fetch(request);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            inner.spend_budget(retained.api, &retained.project).await;
             // A panic below drops `leader` unsettled: the flight is aborted.
-            let result = fetching.await;
-            let outcome = inner.settle(&key, &retained, result, None);
+            let outcome = inner.fetch(key, request.clone(), None).await;
             let warm = match &outcome {
-                Outcome::Fetched(stored) if stored.class == Class::Running => {
+                Outcome::Fetched(stored) | Outcome::Shared(stored)
+                    if stored.class == Class::Running =>
+                {
                     stored.activity.clone().map(|a| (stored.stored_at, a))
                 }
                 _ => None,
             };
             leader.settle(outcome);
             if let Some((window, activity)) = warm {
-                inner.keep_warm(key, retained, window, activity);
+                // The request is kept for the refreshes ahead of each window's end.
+                inner.keep_warm(key, request, window, activity);
             }
         });
         Started::Waiting(waiter, true)
@@ -511,14 +582,215 @@ enum Started {
 }
 
 impl Inner {
-    /// Waits for the upstream budget of (API, project), when there is one.
-    async fn spend_budget(&self, api: Api, project: &str) {
-        if let Some(rate) = self.policy.load().upstream_rate {
-            let budget = (api, project.to_string());
-            if self.upstream_budget.acquire(&budget, rate, rate).await {
-                self.metrics.budget_waits.inc();
+    /// Waits for the upstream budget of (API, project), when there is one:
+    /// the fleet's while this replica holds the fleet lock, else its own.
+    async fn spend_budget(&self, api: Api, project: &str, fleet: bool) {
+        let Some(rate) = self.policy.load().upstream_rate else {
+            return;
+        };
+        let shared = self.shared.as_ref().filter(|_| fleet);
+        if let Some(shared) = shared {
+            if let Some(wait) = shared.reserve(api, project, rate).await {
+                if !wait.is_zero() {
+                    self.metrics.budget_waits.inc();
+                    tokio::time::sleep(wait).await;
+                }
+                return;
             }
         }
+        let budget = (api, project.to_string());
+        if self.upstream_budget.acquire(&budget, rate, rate).await {
+            self.metrics.budget_waits.inc();
+        }
+    }
+
+    /// The answer for `key` from upstream, or from the fleet when the shared
+    /// tier is on: another replica's answer, pause or failure, or this
+    /// replica fetches under the fleet lock and lands the result for the
+    /// others. `window`: where a refresh ahead's window starts (None: now).
+    async fn fetch(
+        self: &Arc<Self>,
+        key: CacheKey,
+        request: FetchRequest,
+        window: Option<Instant>,
+    ) -> Outcome {
+        let (api, project) = (request.api, request.project.clone());
+        let mut lock = None;
+        if let Some(shared) = &self.shared {
+            let policy = self.policy.load();
+            let now = Instant::now();
+            // A refresh ahead wants the next window's answer: one fresh well
+            // into it, not the current one that ends soon.
+            let need = window.map_or(Duration::ZERO, |start| {
+                start.saturating_duration_since(now) + policy.running_ttl / 2
+            });
+            let deadline = now + policy.wait_timeout;
+            match shared.claim(key, api, &project, need, deadline).await {
+                Claim::Answer(stored) => return self.adopt(key, &request, stored),
+                Claim::Paused {
+                    cause,
+                    remaining,
+                    standby,
+                } => {
+                    let now = Instant::now();
+                    self.backoffs.adopt(api, &project, now, cause, remaining);
+                    let reason = match cause {
+                        Cause::Throttled => StaleReason::Throttled,
+                        Cause::Failing => StaleReason::UpstreamError,
+                    };
+                    return match self.standby(key, standby, now) {
+                        Some(stale) => self.stand_in(&key, stale, reason),
+                        None => Outcome::Paused,
+                    };
+                }
+                Claim::Failed {
+                    answer,
+                    remaining,
+                    standby,
+                } => {
+                    let now = Instant::now();
+                    let failure = match answer {
+                        Some(answer) => Failure::Answer(answer),
+                        None => Failure::Error(Arc::new(GatewayError::UpstreamFailing {
+                            api: api.as_str(),
+                            retry_after: remaining,
+                        })),
+                    };
+                    self.failures.insert(key, now + remaining, failure.clone());
+                    self.metrics.failures_shared.inc();
+                    return match (self.standby(key, standby, now), failure) {
+                        (Some(stale), _) => self.stand_in(&key, stale, StaleReason::UpstreamError),
+                        (None, Failure::Answer(answer)) => Outcome::Fetched(answer),
+                        (None, Failure::Error(error)) => Outcome::Failed(error),
+                    };
+                }
+                Claim::TimedOut => {
+                    return Outcome::Failed(Arc::new(GatewayError::WaitTimeout(
+                        policy.wait_timeout,
+                    )))
+                }
+                Claim::Lead(held) => lock = Some(held),
+                Claim::Local => {}
+            }
+        }
+        self.spend_budget(api, &project, lock.is_some()).await;
+        let result = self.origin.clone().fetch(request.clone()).await;
+        let mut report = Report::default();
+        let outcome = self.settle(&key, &request, result, window, &mut report);
+        if let (Some(lock), Some(shared)) = (lock, self.shared.clone()) {
+            // Landed on the side: this replica's waiters have their answer now.
+            let landing = self.landing(&report, window);
+            tokio::spawn(async move {
+                shared
+                    .land(lock, api, &project, landing, report.pause)
+                    .await;
+            });
+        }
+        outcome
+    }
+
+    /// What the fleet keeps of a fetch: the answer stored, or the failure.
+    fn landing(&self, report: &Report, window: Option<Instant>) -> Landing {
+        let policy = self.policy.load();
+        if let Some(stored) = &report.stored {
+            let fresh = policy.fresh_for(stored.class);
+            let keep = match stored.class {
+                Class::Terminal => Some(self.shared_terminal_ttl()),
+                class => policy.keep_for(class),
+            };
+            let offset = window.map_or(Duration::ZERO, |w| {
+                w.saturating_duration_since(Instant::now())
+            });
+            return Landing::Answer {
+                stored: stored.clone(),
+                // A finished job's answer stays fresh while Redis keeps it.
+                fresh: fresh.unwrap_or(self.shared_terminal_ttl()),
+                keep: keep.unwrap_or(Duration::ZERO),
+                offset,
+            };
+        }
+        match &report.failure {
+            Some(answer) => Landing::Failure {
+                answer: answer.clone(),
+                keep: policy.error_ttl,
+            },
+            None => Landing::Nothing,
+        }
+    }
+
+    fn shared_terminal_ttl(&self) -> Duration {
+        self.shared
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.terminal_ttl())
+    }
+
+    /// Another replica's fresh answer: stored here, told to this replica's
+    /// watchers, and kept warm here as if fetched here.
+    fn adopt(&self, key: CacheKey, request: &FetchRequest, mut stored: Stored) -> Outcome {
+        stored.activity = Some(self.activity(&key, request));
+        self.failures.clear(&key);
+        self.store.insert(key, stored.clone());
+        self.metrics.shared_hits.inc();
+        self.watches
+            .publish(&key, Answer::new(stored.clone(), CacheStatus::Hit));
+        Outcome::Shared(stored)
+    }
+
+    /// An earlier answer to stand in while upstream is paused or failing:
+    /// this replica's, else the fleet's (then kept here too).
+    fn standby(&self, key: CacheKey, fleet: Option<Stored>, now: Instant) -> Option<Stored> {
+        if let Some(local) = self.stale_fallback(&key, now) {
+            return Some(local);
+        }
+        let stored = fleet?;
+        let age = now.saturating_duration_since(stored.stored_at);
+        if matches!(
+            freshness(&self.policy.load(), stored.class, age),
+            Freshness::Expired
+        ) {
+            return None;
+        }
+        self.store.insert(key, stored.clone());
+        Some(stored)
+    }
+
+    /// A stale answer standing in, told to the key's watchers.
+    fn stand_in(&self, key: &CacheKey, stale: Stored, reason: StaleReason) -> Outcome {
+        self.watches
+            .publish(key, Answer::stale(stale.clone(), reason));
+        Outcome::Stale(stale, reason)
+    }
+
+    /// What another replica said: a pause begun or ended there.
+    fn heard(&self, event: FleetEvent) {
+        match event {
+            FleetEvent::Paused {
+                api,
+                project,
+                cause,
+                remaining,
+            } => self
+                .backoffs
+                .adopt(api, &project, Instant::now(), cause, remaining),
+            FleetEvent::Resumed { api, project } => {
+                self.backoffs.succeeded(api, &project);
+            }
+        }
+    }
+
+    /// The job's counters: one record per key, kept by its stored answers.
+    fn activity(&self, key: &CacheKey, request: &FetchRequest) -> Arc<JobActivity> {
+        self.store
+            .get(key)
+            .and_then(|s| s.activity)
+            .unwrap_or_else(|| {
+                Arc::new(JobActivity::new(
+                    *key,
+                    request.api,
+                    &request.project,
+                    &request.job,
+                ))
+            })
     }
 
     /// Keeps a polled running job warm: shortly before the answer's window
@@ -570,18 +842,23 @@ impl Inner {
                 let Join::Lead(leader, _) = self.flights.join(key, || None::<()>) else {
                     return;
                 };
-                self.spend_budget(api, &project).await;
                 let mut refresh = request.clone();
                 refresh.request_id = uuid::Uuid::new_v4().simple().to_string();
-                let result = self.origin.clone().fetch(refresh).await;
                 self.metrics.refreshes_ahead.inc();
-                let outcome = self.settle(&key, &request, result, Some(window_end));
-                let landed = matches!(&outcome, Outcome::Fetched(s) if s.class == Class::Running);
+                let outcome = self.fetch(key, refresh, Some(window_end)).await;
+                // The next window starts where this answer's does (another
+                // replica's refresh may have set it).
+                let landed = match &outcome {
+                    Outcome::Fetched(s) | Outcome::Shared(s) if s.class == Class::Running => {
+                        Some(s.stored_at)
+                    }
+                    _ => None,
+                };
                 leader.settle(outcome);
-                if !landed {
+                let Some(next) = landed else {
                     return;
-                }
-                window = window_end;
+                };
+                window = next;
             }
         });
     }
@@ -595,8 +872,9 @@ impl Inner {
         request: &FetchRequest,
         result: Result<UpstreamResponse, GatewayError>,
         window: Option<Instant>,
+        report: &mut Report,
     ) -> Outcome {
-        let outcome = self.outcome(key, request, result, window);
+        let outcome = self.outcome(key, request, result, window, report);
         let news = match &outcome {
             Outcome::Fetched(stored) if stored.class != Class::Uncacheable => {
                 Some(Answer::new(stored.clone(), CacheStatus::Hit))
@@ -611,22 +889,18 @@ impl Inner {
     }
 
     /// Stores what may be stored, and tells the backoffs and the failures
-    /// what happened. An answer refreshed ahead starts its window where the
-    /// last one ends.
+    /// what happened (and `report`, for the fleet). An answer refreshed
+    /// ahead starts its window where the last one ends.
     fn outcome(
         &self,
         key: &CacheKey,
         request: &FetchRequest,
         result: Result<UpstreamResponse, GatewayError>,
         window: Option<Instant>,
+        report: &mut Report,
     ) -> Outcome {
         let (api, project) = (request.api, request.project.as_str());
-        // One record per key, kept by its stored answers.
-        let activity = self
-            .store
-            .get(key)
-            .and_then(|s| s.activity)
-            .unwrap_or_else(|| Arc::new(JobActivity::new(*key, api, project, &request.job)));
+        let activity = self.activity(key, request);
         activity.upstream.fetch_add(1, Ordering::Relaxed);
         self.activities.touch(&activity);
         let now = Instant::now();
@@ -649,6 +923,8 @@ impl Inner {
                 // No credential is the gateway's own trouble, not upstream's.
                 if matches!(*error, GatewayError::Upstream { .. }) {
                     self.failed(key, api, project, now, Failure::Error(error.clone()));
+                    report.failure = Some(None);
+                    report.pause = self.pause_now(api, project, now);
                 }
                 return match self.stale_fallback(key, now) {
                     Some(stale) => Outcome::Stale(stale, StaleReason::UpstreamError),
@@ -668,6 +944,7 @@ impl Inner {
                 &policy,
             );
             self.backoffs.throttled(api, project, now, wait);
+            report.pause = Some(Pause::Begin(Cause::Throttled, wait));
             stored = stored.with_retry_after(retry_after_secs(wait));
             return match self.stale_fallback(key, now) {
                 Some(stale) => Outcome::Stale(stale, StaleReason::Throttled),
@@ -676,17 +953,28 @@ impl Inner {
         }
         if status.is_server_error() {
             self.failed(key, api, project, now, Failure::Answer(stored.clone()));
+            report.failure = Some(Some(stored.clone()));
+            report.pause = self.pause_now(api, project, now);
             return match self.stale_fallback(key, now) {
                 Some(stale) => Outcome::Stale(stale, StaleReason::UpstreamError),
                 None => Outcome::Fetched(stored),
             };
         }
-        self.backoffs.succeeded(api, project);
+        if self.backoffs.succeeded(api, project) {
+            report.pause = Some(Pause::End);
+        }
         self.failures.clear(key);
         if class != Class::Uncacheable {
             self.store.insert(*key, stored.clone());
+            report.stored = Some(stored.clone());
         }
         Outcome::Fetched(stored)
+    }
+
+    /// The pause now in force for (API, project), to tell the fleet.
+    fn pause_now(&self, api: Api, project: &str, now: Instant) -> Option<Pause> {
+        let (cause, remaining) = self.backoffs.pause_of(api, project, now)?;
+        Some(Pause::Begin(cause, remaining))
     }
 
     /// Remembers a failure for `key` and backs the API and project off.

@@ -32,6 +32,8 @@ pub enum CacheStatus {
     Miss,
     /// Waited for another request's upstream fetch and shared its answer.
     Coalesced,
+    /// A local miss answered by the shared tier: another replica fetched it.
+    Shared,
     /// Served a stored answer past its freshness (revalidating, or upstream failing).
     Stale,
 }
@@ -63,6 +65,7 @@ impl CacheStatus {
             CacheStatus::Hit => "HIT",
             CacheStatus::Miss => "MISS",
             CacheStatus::Coalesced => "COALESCED",
+            CacheStatus::Shared => "SHARED",
             CacheStatus::Stale => "STALE",
         }
     }

@@ -12,6 +12,11 @@ use super::policy::Class;
 use crate::credentials::redact_bytes;
 use crate::upstream::UpstreamResponse;
 
+/// The shared tier's format: version, status, class, Retry-After, body
+/// length and the three value lengths.
+const SHARED_HEADER: usize = 15;
+const SHARED_VERSION: u8 = 1;
+
 /// An upstream answer as kept and served. Everything variable lives in one
 /// allocation copied from the upstream response: the body, then the ETag,
 /// Content-Type and X-Request-Id values. Copying means a stored answer never
@@ -125,6 +130,65 @@ impl Stored {
         HeaderValue::from_maybe_shared(self.data.slice(start..start + usize::from(len))).ok()
     }
 
+    /// The answer as the shared tier keeps it: a fixed header, then the same
+    /// bytes as here. Its window start travels beside it, in Redis's clock.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SHARED_HEADER + self.data.len());
+        out.push(SHARED_VERSION);
+        out.extend_from_slice(&self.status.as_u16().to_be_bytes());
+        out.push(self.class as u8);
+        out.extend_from_slice(&self.retry_after.to_be_bytes());
+        out.extend_from_slice(&self.body_len.to_be_bytes());
+        out.extend([self.etag_len, self.content_type_len, self.request_id_len]);
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    /// An answer another replica kept, or None if the bytes are not one
+    /// (another version, or damaged): then the shared copy is ignored.
+    pub fn decode(bytes: &[u8], stored_at: Instant) -> Option<Stored> {
+        let (head, data) = bytes.split_at_checked(SHARED_HEADER)?;
+        if head[0] != SHARED_VERSION {
+            return None;
+        }
+        let status = StatusCode::from_u16(u16::from_be_bytes([head[1], head[2]])).ok()?;
+        let class = match head[3] {
+            0 => Class::Terminal,
+            1 => Class::Running,
+            2 => Class::NotFound,
+            3 => Class::Uncacheable,
+            _ => return None,
+        };
+        let retry_after = u32::from_be_bytes(head[4..8].try_into().ok()?);
+        let body_len = u32::from_be_bytes(head[8..12].try_into().ok()?);
+        let [etag_len, content_type_len, request_id_len] = [head[12], head[13], head[14]];
+        let total = body_len as usize
+            + usize::from(etag_len)
+            + usize::from(content_type_len)
+            + usize::from(request_id_len);
+        if total != data.len() || etag_len != 34 {
+            return None;
+        }
+        let stored = Stored {
+            data: Bytes::copy_from_slice(data),
+            body_len,
+            etag_len,
+            content_type_len,
+            request_id_len,
+            status,
+            class,
+            retry_after,
+            stored_at,
+            activity: None,
+        };
+        // Every value must be a valid header value, as when it was stored.
+        let valid = (0..3).all(|i| {
+            let len = [etag_len, content_type_len, request_id_len][i];
+            len == 0 || stored.value(i, len).is_some()
+        });
+        valid.then_some(stored)
+    }
+
     /// Bytes weighed against the budget beyond the store's own bookkeeping.
     pub fn weight(&self) -> usize {
         let activity = self.activity.as_ref().map_or(0, |a| {
@@ -169,6 +233,13 @@ mod tests {
         assert_eq!(stored.etag().len(), 34);
         assert_eq!(stored.retry_after(), None);
         assert_eq!(stored.data.len(), RUNNING.len() + 34 + 30 + 6);
+        let shared = Stored::decode(&stored.encode(), stored.stored_at).unwrap();
+        assert_eq!(shared.encode(), stored.encode());
+        assert_eq!((shared.etag(), shared.class), (stored.etag(), stored.class));
+        let mut damaged = stored.encode();
+        damaged.pop();
+        assert!(Stored::decode(&damaged, stored.stored_at).is_none());
+        assert!(Stored::decode(b"", stored.stored_at).is_none());
         let bare = Stored::new(&response(200, ""), Class::Running, Instant::now());
         assert_eq!(
             (bare.content_type(), bare.request_id(), bare.body().len()),

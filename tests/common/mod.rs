@@ -2,6 +2,8 @@
 //! temporary directory, and a small HTTP client over real sockets.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

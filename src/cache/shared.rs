@@ -1,0 +1,888 @@
+//! The shared tier: answers, the fleet lock, pauses and the upstream budget
+//! in Redis, so that a fleet of replicas costs upstream what one gateway
+//! costs. Off unless `[shared] redis_url` is set.
+//!
+//! The local store stays the first tier; Redis is asked only where a replica
+//! would otherwise fetch (once per key and window, by the local flight's
+//! leader). One script, [`CLAIM`], answers with the first that applies:
+//! - a fresh answer another replica stored (`Cache-Status: …; detail=shared`);
+//! - a pause in force for the API and project (a 429 or failures anywhere);
+//! - a failure recorded for the key within its `error_ttl`;
+//! - the fleet lock for the key (`SET NX PX`), so this replica fetches;
+//! - otherwise: wait. Waiters wake on the lock holder's message on the
+//!   fleet channel and ask again every `recheck` in case a message was lost
+//!   (a lost message costs a short delay, never a second fetch). When the
+//!   holder vanished, its lock expires and the next one to ask takes over.
+//!
+//! The holder lands its result with [`LAND`]: stores the answer (or the
+//! failure, or the pause), releases the lock if it is still its own token,
+//! and publishes. Times are Redis's (`TIME`), so replicas' clocks need not
+//! agree, and a window start travels as an age, which each replica turns into
+//! its own clock.
+//!
+//! Nothing secret goes to Redis: keys are the local cache keys' SHA-256
+//! digests (which include the credential's principal), values are answers
+//! already scrubbed of credentials, project IDs and timings.
+//!
+//! Redis trouble never fails a request. Every call has a deadline of
+//! `call_timeout`; after `breaker_failures` failures in a row the replica is
+//! local-only for `breaker_cooldown`, then one call probes. Local-only means
+//! exactly the single-gateway behaviour: one fetch per key per window per
+//! replica.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, RedisResult, Script, Value};
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::backoff::Cause;
+use super::key::CacheKey;
+use super::stored::Stored;
+use crate::credentials::{Origin, SecretSource};
+use crate::metrics::Metrics;
+use crate::route::Api;
+
+/// `[shared]`: where the fleet's Redis is and how patient to be with it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedConfig {
+    /// `redis://host:port/db` or `rediss://` for TLS; empty: no shared tier.
+    pub redis_url: String,
+    /// Where the password is read from (never the URL).
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Prefixes every key and the channel, so fleets can share one Redis.
+    pub key_prefix: String,
+    /// Deadline of every Redis call; past it the replica acts alone.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// How long a fleet lock lives if its holder never releases it; also
+    /// how long waiters wait for a vanished holder. Default: the upstream
+    /// `request_timeout` plus one second, so a slow fetch keeps its lock.
+    #[serde(with = "humantime_serde::option")]
+    pub lock_ttl: Option<Duration>,
+    /// How often a waiter asks again if no message came.
+    #[serde(with = "humantime_serde")]
+    pub recheck: Duration,
+    /// Failed calls in a row that switch the replica to local-only...
+    pub breaker_failures: u32,
+    /// ...for this long, before one call probes Redis again.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// How long Redis keeps a finished job's answer.
+    #[serde(with = "humantime_serde")]
+    pub terminal_ttl: Duration,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            redis_url: String::new(),
+            password_env: None,
+            password_file: None,
+            key_prefix: "pgw:".into(),
+            call_timeout: Duration::from_millis(50),
+            lock_ttl: None,
+            recheck: Duration::from_millis(200),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(2),
+            terminal_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl SharedConfig {
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+
+    /// Checks the URL without connecting; the message never repeats it,
+    /// since a URL may carry what should not be in a log.
+    pub fn check_url(&self) -> Result<(), &'static str> {
+        let info = self
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(|_| "is not a redis:// or rediss:// URL")?;
+        if info.redis_settings().password().is_some() {
+            return Err("must not hold a password: use password_env or password_file");
+        }
+        Ok(())
+    }
+}
+
+/// The shared tier's state, for `/readyz`, the metrics and the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedState {
+    /// Calls succeed (or none failed lately): fleet-wide guarantees.
+    Up,
+    /// The breaker is open: this replica acts alone until a probe succeeds.
+    LocalOnly,
+}
+
+impl SharedState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedState::Up => "up",
+            SharedState::LocalOnly => "local-only",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("shared.redis_url is not usable")]
+    Url(#[source] redis::RedisError),
+    #[error("the Redis password could not be read")]
+    Password(#[source] crate::credentials::CredentialError),
+}
+
+/// What the fleet says about a key this replica would fetch.
+#[derive(Debug)]
+pub enum Claim {
+    /// A fresh answer another replica stored.
+    Answer(Stored),
+    /// The API and project are paused fleet-wide for `remaining`.
+    Paused {
+        cause: Cause,
+        remaining: Duration,
+        standby: Option<Stored>,
+    },
+    /// Another replica's fetch failed moments ago: the 5xx answer it got
+    /// (None: no answer at all) shared for `remaining`.
+    Failed {
+        answer: Option<Stored>,
+        remaining: Duration,
+        standby: Option<Stored>,
+    },
+    /// This replica holds the fleet lock: fetch, then [`Shared::land`].
+    Lead(Lock),
+    /// Redis cannot tell now: act alone.
+    Local,
+    /// Another replica held the lock past the deadline.
+    TimedOut,
+}
+
+/// The fleet lock for one key, released by [`Shared::land`].
+#[derive(Debug)]
+pub struct Lock {
+    key: CacheKey,
+    token: String,
+}
+
+/// What a fetch under the lock leaves for the fleet.
+#[derive(Debug)]
+pub enum Landing {
+    /// Kept `keep` in Redis, fresh for `fresh`, its window starting `offset`
+    /// from now (ahead of now for a refresh ahead).
+    Answer {
+        stored: Stored,
+        fresh: Duration,
+        keep: Duration,
+        offset: Duration,
+    },
+    /// A failure shared for `keep` (the 5xx answer, or None).
+    Failure {
+        answer: Option<Stored>,
+        keep: Duration,
+    },
+    /// Nothing worth sharing (an answer never stored).
+    Nothing,
+}
+
+/// A pause to apply fleet-wide, or a pause to lift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    Begin(Cause, Duration),
+    End,
+}
+
+/// What other replicas tell this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetEvent {
+    Paused {
+        api: Api,
+        project: String,
+        cause: Cause,
+        remaining: Duration,
+    },
+    Resumed {
+        api: Api,
+        project: String,
+    },
+}
+
+/// Returns, first that applies: `{'answer', age_ms, data}`, `{'paused',
+/// pttl, cause, age_ms, data}`, `{'failed', pttl, failure, age_ms, data}`,
+/// `{'lead'}` or `{'wait', pttl}`. The answer counts as fresh only if it
+/// stays fresh for ARGV[3] ms more (a refresh ahead needs the next window's).
+/// KEYS: answer, lock, pause, failure. ARGV: token, lock ms, need ms.
+const CLAIM: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local a = redis.call('HMGET', KEYS[1], 'at', 'fresh', 'data')
+local age = 0
+if a[1] then
+  age = now - tonumber(a[1])
+  if tonumber(a[1]) + tonumber(a[2]) > now + tonumber(ARGV[3]) then
+    return {'answer', age, a[3]}
+  end
+end
+local standby = a[3] or ''
+local cause = redis.call('GET', KEYS[3])
+if cause then
+  return {'paused', redis.call('PTTL', KEYS[3]), cause, age, standby}
+end
+local failure = redis.call('GET', KEYS[4])
+if failure then
+  return {'failed', redis.call('PTTL', KEYS[4]), failure, age, standby}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'lead'}
+end
+return {'wait', redis.call('PTTL', KEYS[2])}
+";
+
+/// Lands a fetch's result, releases the lock if still held by ARGV[1], and
+/// publishes. KEYS: answer, lock, pause, failure. ARGV: token, mode
+/// (answer|failure|none), data, fresh ms, keep ms, window offset ms, pause
+/// (cause, `end` or empty), pause ms, channel, key message, pause message.
+const LAND: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[2] == 'answer' then
+  redis.call('HSET', KEYS[1], 'at', now + tonumber(ARGV[6]), 'fresh', ARGV[4], 'data', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('DEL', KEYS[4])
+elseif ARGV[2] == 'failure' then
+  redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[5])
+end
+if ARGV[7] == 'end' then
+  redis.call('DEL', KEYS[3])
+elseif ARGV[7] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PUBLISH', ARGV[9], ARGV[10])
+if ARGV[11] ~= '' then
+  redis.call('PUBLISH', ARGV[9], ARGV[11])
+end
+return 1
+";
+
+/// The upstream budget as a GCRA reservation in Redis's clock: returns the
+/// microseconds to wait before the reserved request may go. KEYS: budget.
+/// ARGV: microseconds per request, burst.
+const BUDGET: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now) + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return math.max(0, tat - now - tonumber(ARGV[2]) * interval)
+";
+
+/// Opens after `threshold` failures in a row, for `cooldown`; then lets one
+/// call probe (half-open) and closes on its success.
+#[derive(Debug)]
+struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    /// parking_lot: held for a comparison; never across an await.
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BreakerState {
+    Closed {
+        failures: u32,
+    },
+    /// Until then no call goes to Redis.
+    Open {
+        until: Instant,
+    },
+    /// One call probes; past `until` another may (the probe was dropped).
+    Probing {
+        until: Instant,
+    },
+}
+
+impl Breaker {
+    fn allow(&self, now: Instant, probe_for: Duration) -> bool {
+        let mut state = self.state.lock();
+        match *state {
+            BreakerState::Closed { .. } => true,
+            BreakerState::Open { until } | BreakerState::Probing { until } if now >= until => {
+                *state = BreakerState::Probing {
+                    until: now + probe_for,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn succeeded(&self) {
+        *self.state.lock() = BreakerState::Closed { failures: 0 };
+    }
+
+    fn failed(&self, now: Instant) {
+        let mut state = self.state.lock();
+        let failures = match *state {
+            BreakerState::Closed { failures } => failures + 1,
+            _ => self.threshold,
+        };
+        *state = if failures >= self.threshold {
+            BreakerState::Open {
+                until: now + self.cooldown,
+            }
+        } else {
+            BreakerState::Closed { failures }
+        };
+    }
+
+    fn is_open(&self) -> bool {
+        !matches!(*self.state.lock(), BreakerState::Closed { .. })
+    }
+}
+
+/// The connection to the fleet's Redis. Cloning is not needed: the cache
+/// holds it in an `Arc`.
+pub struct Shared {
+    /// Reconnects by itself; built lazily so a replica starts with Redis down.
+    redis: ConnectionManager,
+    /// For the subscriber's own connection.
+    client: redis::Client,
+    prefix: String,
+    channel: String,
+    call_timeout: Duration,
+    lock_ttl: Duration,
+    recheck: Duration,
+    terminal_ttl: Duration,
+    breaker: Breaker,
+    /// Keys this replica waits on, woken by the channel's messages.
+    /// parking_lot: held to insert, remove or look up; never across an await.
+    waiting: Mutex<HashMap<CacheKey, Arc<Notify>>>,
+    /// Tags this replica's messages, so it ignores its own.
+    replica: String,
+    subscribed: AtomicBool,
+    claim: Script,
+    land: Script,
+    budget: Script,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("prefix", &self.prefix)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Shared {
+    /// Builds the client without connecting (Redis may be down at start).
+    /// `request_timeout` is upstream's, the default for `lock_ttl`.
+    pub fn new(
+        config: &SharedConfig,
+        request_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Shared, SharedError> {
+        let mut info = config
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(SharedError::Url)?;
+        let origin = match (&config.password_env, &config.password_file) {
+            (Some(var), _) => Some(Origin::Env(var.clone())),
+            (None, Some(path)) => Some(Origin::File(path.clone())),
+            (None, None) => None,
+        };
+        if let Some(origin) = origin {
+            // A Secret: every log line and answer is scrubbed of it.
+            let password = SecretSource::new(origin)
+                .current()
+                .map_err(SharedError::Password)?;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(settings);
+        }
+        if config.redis_url.starts_with("rediss:") {
+            // rustls needs a process-wide provider; the gateway uses ring.
+            let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(info).map_err(SharedError::Url)?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let redis = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+            .map_err(SharedError::Url)?;
+        metrics.shared_state.set(1);
+        Ok(Shared {
+            redis,
+            client,
+            prefix: config.key_prefix.clone(),
+            channel: format!("{}fleet", config.key_prefix),
+            call_timeout: config.call_timeout,
+            lock_ttl: config
+                .lock_ttl
+                .unwrap_or(request_timeout + Duration::from_secs(1)),
+            recheck: config.recheck,
+            terminal_ttl: config.terminal_ttl,
+            breaker: Breaker {
+                threshold: config.breaker_failures.max(1),
+                cooldown: config.breaker_cooldown,
+                state: Mutex::new(BreakerState::Closed { failures: 0 }),
+            },
+            waiting: Mutex::default(),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            subscribed: AtomicBool::new(false),
+            claim: Script::new(CLAIM),
+            land: Script::new(LAND),
+            budget: Script::new(BUDGET),
+            metrics,
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// How long Redis keeps a finished job's answer.
+    pub fn terminal_ttl(&self) -> Duration {
+        self.terminal_ttl
+    }
+
+    pub fn state(&self) -> SharedState {
+        if self.breaker.is_open() {
+            SharedState::LocalOnly
+        } else {
+            SharedState::Up
+        }
+    }
+
+    /// Whether the subscriber is connected (waiters then wake by message).
+    pub fn subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Subscribes to the fleet channel until the tier is dropped, and hands
+    /// other replicas' pauses to `on_event`. Reconnects after a second.
+    pub fn listen(self: &Arc<Self>, on_event: impl Fn(FleetEvent) + Send + Sync + 'static) {
+        let shared = Arc::downgrade(self);
+        let (client, channel, stop) =
+            (self.client.clone(), self.channel.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let connect = async {
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&channel).await?;
+                    RedisResult::Ok(pubsub)
+                };
+                if let Ok(Ok(pubsub)) = tokio::time::timeout(Duration::from_secs(1), connect).await
+                {
+                    let mut messages = pubsub.into_on_message();
+                    set_subscribed(&shared, true);
+                    loop {
+                        let message = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            message = messages.next() => message,
+                        };
+                        let Some(message) = message else { break };
+                        let Some(shared) = shared.upgrade() else {
+                            return;
+                        };
+                        if let Some(event) = shared.heard(message.get_payload_bytes()) {
+                            on_event(event);
+                        }
+                    }
+                    set_subscribed(&shared, false);
+                }
+                let pause = Duration::from_millis(500 + fastrand::u64(..500));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        });
+    }
+
+    /// One message from the channel: wakes a waiter, or is a pause to apply.
+    fn heard(&self, payload: &[u8]) -> Option<FleetEvent> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut parts = text.splitn(6, ' ');
+        let (kind, from) = (parts.next()?, parts.next()?);
+        match kind {
+            "L" => {
+                let key = CacheKey::from_hex(parts.next()?)?;
+                if let Some(notify) = self.waiting.lock().get(&key) {
+                    notify.notify_waiters();
+                }
+                None
+            }
+            _ if from == self.replica => None,
+            "P" => {
+                let api = api_named(parts.next()?)?;
+                let cause = cause_named(parts.next()?)?;
+                let remaining = Duration::from_millis(parts.next()?.parse().ok()?);
+                let project = parts.next()?.to_string();
+                Some(FleetEvent::Paused {
+                    api,
+                    project,
+                    cause,
+                    remaining,
+                })
+            }
+            "R" => Some(FleetEvent::Resumed {
+                api: api_named(parts.next()?)?,
+                project: parts.next()?.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Asks the fleet what to do about `key`, waiting while another replica
+    /// fetches it, until `deadline`. `need`: how long the answer must stay
+    /// fresh to count (zero for a miss).
+    pub async fn claim(
+        &self,
+        key: CacheKey,
+        api: Api,
+        project: &str,
+        need: Duration,
+        deadline: Instant,
+    ) -> Claim {
+        let keys = self.keys(key, api, project);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let notify = self.waiting.lock().entry(key).or_default().clone();
+        let _forget = Forget(self, key);
+        let mut waited = false;
+        loop {
+            // Enabled before asking, so a message landing in between counts.
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let mut invocation = self.claim.prepare_invoke();
+            for k in &keys {
+                invocation.key(k);
+            }
+            invocation
+                .arg(&token)
+                .arg(millis(self.lock_ttl))
+                .arg(millis(need));
+            let mut redis = self.redis.clone();
+            let Some(reply) = self
+                .call(async move { invocation.invoke_async::<Vec<Value>>(&mut redis).await })
+                .await
+            else {
+                return Claim::Local;
+            };
+            let now = Instant::now();
+            let Some(reply) = Reply::parse(&reply, now) else {
+                return Claim::Local;
+            };
+            match reply {
+                Reply::Answer(stored) => return Claim::Answer(stored),
+                Reply::Paused {
+                    cause,
+                    remaining,
+                    standby,
+                } => {
+                    return Claim::Paused {
+                        cause,
+                        remaining,
+                        standby,
+                    }
+                }
+                Reply::Failed {
+                    answer,
+                    remaining,
+                    standby,
+                } => {
+                    return Claim::Failed {
+                        answer,
+                        remaining,
+                        standby,
+                    }
+                }
+                Reply::Lead => {
+                    if waited {
+                        // The holder ended without landing: its lock expired.
+                        self.metrics.shared_takeovers.inc();
+                    }
+                    return Claim::Lead(Lock { key, token });
+                }
+                Reply::Wait(lock_left) => {
+                    if !waited {
+                        waited = true;
+                        self.metrics.shared_waits.inc();
+                    }
+                    if now >= deadline {
+                        return Claim::TimedOut;
+                    }
+                    // Until the message, the next recheck, the lock's expiry
+                    // (a takeover) or the deadline, whichever comes first.
+                    let pause = self
+                        .recheck
+                        .min(deadline - now)
+                        .min(lock_left + Duration::from_millis(1));
+                    tokio::select! {
+                        _ = woken => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lands the fetch made under `lock`, applies `pause` fleet-wide, and
+    /// wakes the replicas waiting for it. Best effort: if Redis fails now,
+    /// the others take over when the lock expires.
+    pub async fn land(
+        &self,
+        lock: Lock,
+        api: Api,
+        project: &str,
+        landing: Landing,
+        pause: Option<Pause>,
+    ) {
+        let (mode, data, fresh, keep, offset) = match landing {
+            Landing::Answer {
+                stored,
+                fresh,
+                keep,
+                offset,
+            } => ("answer", stored.encode(), fresh, keep, offset),
+            Landing::Failure { answer, keep } => {
+                let data = answer.map_or_else(Vec::new, |a| a.encode());
+                ("failure", data, Duration::ZERO, keep, Duration::ZERO)
+            }
+            Landing::Nothing => (
+                "none",
+                Vec::new(),
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::ZERO,
+            ),
+        };
+        // PX 0 would be refused: a zero keep shares nothing.
+        let mode = if keep.is_zero() { "none" } else { mode };
+        let (pause_arg, pause_ms, pause_message) = match pause {
+            Some(Pause::Begin(cause, wait)) => (
+                cause.as_str(),
+                millis(wait).max(1),
+                format!(
+                    "P {} {} {} {} {project}",
+                    self.replica,
+                    api.as_str(),
+                    cause.as_str(),
+                    millis(wait)
+                ),
+            ),
+            Some(Pause::End) => (
+                "end",
+                0,
+                format!("R {} {} {project}", self.replica, api.as_str()),
+            ),
+            None => ("", 0, String::new()),
+        };
+        let mut invocation = self.land.prepare_invoke();
+        for k in self.keys(lock.key, api, project) {
+            invocation.key(k);
+        }
+        invocation
+            .arg(&lock.token)
+            .arg(mode)
+            .arg(data)
+            .arg(millis(fresh))
+            .arg(millis(keep))
+            .arg(millis(offset))
+            .arg(pause_arg)
+            .arg(pause_ms)
+            .arg(&self.channel)
+            .arg(format!("L {} {}", self.replica, lock.key.hex()))
+            .arg(pause_message);
+        let mut redis = self.redis.clone();
+        self.call(async move { invocation.invoke_async::<Value>(&mut redis).await })
+            .await;
+    }
+
+    /// Reserves one upstream request under the fleet's `rate` for (API,
+    /// project): how long to wait before sending it, or None if Redis
+    /// cannot tell (the replica's own budget applies then).
+    pub async fn reserve(&self, api: Api, project: &str, rate: f64) -> Option<Duration> {
+        let key = format!("{}r:{}:{project}", self.prefix, api.as_str());
+        let interval = (1e6 / rate.max(1e-3)).round() as u64;
+        let burst = rate.max(1.0).floor() as u64;
+        let mut invocation = self.budget.prepare_invoke();
+        invocation.key(key).arg(interval).arg(burst);
+        let mut redis = self.redis.clone();
+        let wait = self
+            .call(async move { invocation.invoke_async::<u64>(&mut redis).await })
+            .await?;
+        Some(Duration::from_micros(wait))
+    }
+
+    /// Runs one Redis call within its deadline, through the breaker.
+    async fn call<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
+        let now = Instant::now();
+        if !self.breaker.allow(now, self.call_timeout * 2) {
+            return None;
+        }
+        let result = tokio::time::timeout(self.call_timeout, call).await;
+        match result {
+            Ok(Ok(value)) => {
+                if self.breaker.is_open() {
+                    tracing::info!("shared tier: Redis answers again; fleet-wide once more");
+                }
+                self.breaker.succeeded();
+                self.metrics.shared_state.set(1);
+                Some(value)
+            }
+            failure => {
+                self.metrics.shared_errors.inc();
+                let was_open = self.breaker.is_open();
+                self.breaker.failed(Instant::now());
+                if self.breaker.is_open() {
+                    self.metrics.shared_state.set(2);
+                    if !was_open {
+                        let why = match failure {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {:?}", self.call_timeout),
+                        };
+                        tracing::warn!(error = %why, "shared tier: Redis failing; this replica acts alone for now");
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// answer, lock, pause and failure keys of `key`.
+    fn keys(&self, key: CacheKey, api: Api, project: &str) -> [String; 4] {
+        let (p, hex) = (&self.prefix, key.hex());
+        [
+            format!("{p}a:{hex}"),
+            format!("{p}l:{hex}"),
+            format!("{p}p:{}:{project}", api.as_str()),
+            format!("{p}f:{hex}"),
+        ]
+    }
+}
+
+fn set_subscribed(shared: &std::sync::Weak<Shared>, on: bool) {
+    if let Some(shared) = shared.upgrade() {
+        shared.subscribed.store(on, Ordering::Relaxed);
+    }
+}
+
+/// Drops a key's wake-up entry when its waiter is done.
+struct Forget<'a>(&'a Shared, CacheKey);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.lock().remove(&self.1);
+    }
+}
+
+/// [`CLAIM`]'s reply, decoded; None if it makes no sense (then act alone).
+enum Reply {
+    Answer(Stored),
+    Paused {
+        cause: Cause,
+        remaining: Duration,
+        standby: Option<Stored>,
+    },
+    Failed {
+        answer: Option<Stored>,
+        remaining: Duration,
+        standby: Option<Stored>,
+    },
+    Lead,
+    Wait(Duration),
+}
+
+impl Reply {
+    fn parse(reply: &[Value], now: Instant) -> Option<Reply> {
+        let bytes = |i: usize| match reply.get(i) {
+            Some(Value::BulkString(b)) => Some(b.as_slice()),
+            _ => None,
+        };
+        let int = |i: usize| match reply.get(i) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        // An answer's window start, from its age in Redis's clock; negative
+        // for a refresh landed ahead of its window.
+        let answer = |age: i64, data: &[u8]| {
+            let offset = Duration::from_millis(age.unsigned_abs());
+            let at = if age < 0 {
+                now + offset
+            } else {
+                now.checked_sub(offset).unwrap_or(now)
+            };
+            Stored::decode(data, at)
+        };
+        let standby = |i: usize| answer(int(i)?, bytes(i + 1).filter(|d| !d.is_empty())?);
+        let remaining = |i: usize| Duration::from_millis(int(i).unwrap_or(0).max(0) as u64);
+        Some(match bytes(0)? {
+            b"answer" => Reply::Answer(answer(int(1)?, bytes(2)?)?),
+            b"paused" => Reply::Paused {
+                remaining: remaining(1),
+                cause: cause_named(std::str::from_utf8(bytes(2)?).ok()?)?,
+                standby: standby(3),
+            },
+            b"failed" => Reply::Failed {
+                remaining: remaining(1),
+                answer: bytes(2)
+                    .filter(|d| !d.is_empty())
+                    .and_then(|d| Stored::decode(d, now)),
+                standby: standby(3),
+            },
+            b"lead" => Reply::Lead,
+            b"wait" => Reply::Wait(remaining(1)),
+            _ => return None,
+        })
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn api_named(name: &str) -> Option<Api> {
+    match name {
+        "drs" => Some(Api::Drs),
+        "roma" => Some(Api::Roma),
+        _ => None,
+    }
+}
+
+fn cause_named(name: &str) -> Option<Cause> {
+    match name {
+        "throttled" => Some(Cause::Throttled),
+        "failing" => Some(Cause::Failing),
+        _ => None,
+    }
+}

@@ -1,0 +1,512 @@
+//! A fleet: several gateways sharing one real `redis-server` (started here
+//! on a free loopback port), in front of one simulator that counts every
+//! upstream request. Each replica is the real gateway on its own sockets.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use progress_gateway::app::{App, Running};
+use progress_gateway::tools::simulator::{Behaviour, Simulator};
+use progress_gateway::tools::SimFront;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+use common::redis::RedisServer;
+use common::{roma_path, start_simulator, Reply, TOKEN};
+
+/// The simulator, Redis and a temporary directory holding the token file
+/// (and config files for replicas run as processes).
+struct Fleet {
+    sim: Simulator,
+    sim_addr: SocketAddr,
+    redis: RedisServer,
+    replicas: Vec<Running>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn new(behaviour: Behaviour) -> Fleet {
+        let (sim, sim_addr) = start_simulator(behaviour).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        Fleet {
+            sim,
+            sim_addr,
+            redis: RedisServer::start(),
+            replicas: Vec::new(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            dir,
+        }
+    }
+
+    /// A replica's config: `[shared]` on this fleet's Redis plus `sections`.
+    fn toml(&self, redis_url: &str, sections: &str) -> String {
+        SimFront::new(self.sim_addr, &self.dir.path().join("token"))
+            .section(&format!(
+                "[shared]\nredis_url = \"{redis_url}\"\n{}",
+                shared_extra(sections)
+            ))
+            .section(other_sections(sections))
+            .toml()
+    }
+
+    /// Starts one more replica in this process; returns its index.
+    async fn add(&mut self, sections: &str) -> usize {
+        let url = self.redis.url();
+        self.add_on(&url, sections).await
+    }
+
+    async fn add_on(&mut self, redis_url: &str, sections: &str) -> usize {
+        let config = progress_gateway::config::Config::parse(&self.toml(redis_url, sections))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let running = App::new(config).unwrap().bind().await.unwrap();
+        self.replicas.push(running);
+        self.replicas.len() - 1
+    }
+
+    async fn get(&self, replica: usize, path: &str) -> Reply {
+        get(&self.client, self.replicas[replica].proxy, path).await
+    }
+
+    async fn admin(&self, replica: usize, path: &str) -> Reply {
+        let admin = self.replicas[replica].admin.expect("an admin listener");
+        get(&self.client, admin, path).await
+    }
+
+    async fn metric(&self, replica: usize, name: &str) -> f64 {
+        metric_in(&self.admin(replica, "/metrics").await, name)
+    }
+
+    async fn stop(self) {
+        for running in self.replicas {
+            running.stop().await;
+        }
+    }
+}
+
+/// `sections` may start with lines for `[shared]` (before any table).
+fn shared_extra(sections: &str) -> &str {
+    sections.split("\n[").next().unwrap_or("")
+}
+
+fn other_sections(sections: &str) -> &str {
+    sections.find("\n[").map_or("", |i| &sections[i + 1..])
+}
+
+async fn get(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr, path: &str) -> Reply {
+    let request = Request::get(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .expect("answered within 30 s")
+        .expect("reachable");
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+fn metric_in(reply: &Reply, name: &str) -> f64 {
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    text.lines()
+        .find(|line| line.split(' ').next() == Some(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+fn running(latency_ms: u64) -> Behaviour {
+    Behaviour {
+        latency: Duration::from_millis(latency_ms),
+        job_duration: Duration::from_secs(600),
+        ..Behaviour::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_and_300_clients_cost_one_upstream_request() {
+    let mut fleet = Fleet::new(running(300)).await;
+    for _ in 0..3 {
+        fleet.add("").await;
+    }
+    let fleet = Arc::new(fleet);
+    let path = roma_path("fleet-once");
+    let clients: Vec<_> = (0..300)
+        .map(|i| {
+            let (fleet, path) = (fleet.clone(), path.clone());
+            tokio::spawn(async move { fleet.get(i % 3, &path).await })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for client in clients {
+        let reply = client.await.unwrap();
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(reply.json()["status"], "RUNNING");
+        *seen.entry(reply.header("x-cache").to_string()).or_default() += 1;
+    }
+    assert_eq!(fleet.sim.requests(&path), 1, "{seen:?}");
+    // One replica fetched; the other two were answered by the fleet.
+    assert_eq!(seen.get("MISS"), Some(&1), "{seen:?}");
+    assert_eq!(seen.get("SHARED"), Some(&2), "{seen:?}");
+    let mut waits = 0.0;
+    for replica in 0..3 {
+        waits += fleet.metric(replica, "pgw_shared_waits_total").await;
+    }
+    assert_eq!(waits, 2.0, "the two other replicas waited for the fetch");
+    Arc::into_inner(fleet).unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sustained_polling_through_three_replicas_costs_what_one_gateway_costs() {
+    let mut fleet = Fleet::new(running(20)).await;
+    for _ in 0..3 {
+        fleet.add("\n[cache]\nrunning_ttl = \"1s\"").await;
+    }
+    let fleet = Arc::new(fleet);
+    let (jobs, seconds) = (4, 6);
+    let paths: Vec<_> = (0..jobs)
+        .map(|j| roma_path(&format!("fleet-poll-{j}")))
+        .collect();
+    let failed = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let pollers: Vec<_> = (0..30)
+        .map(|i| {
+            let (fleet, paths, failed) = (fleet.clone(), paths.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut n = i;
+                while Instant::now() < until {
+                    let reply = fleet.get(n % 3, &paths[n % paths.len()]).await;
+                    if reply.status != 200 {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+    for poller in pollers {
+        poller.await.unwrap();
+    }
+    let upstream: u64 = paths.iter().map(|p| fleet.sim.requests(p)).sum();
+    let bound = jobs * (seconds + 1);
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(
+        upstream <= bound,
+        "{upstream} upstream requests for {jobs} jobs over {seconds} s: more than {bound}"
+    );
+    Arc::into_inner(fleet).unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_fetched_through_one_replica_is_served_by_all_even_one_started_later() {
+    let behaviour = Behaviour {
+        job_duration: Duration::ZERO,
+        ..Behaviour::default()
+    };
+    let mut fleet = Fleet::new(behaviour).await;
+    for _ in 0..3 {
+        fleet.add("").await;
+    }
+    let path = roma_path("fleet-done");
+    let first = fleet.get(0, &path).await;
+    assert_eq!(first.json()["status"], "SUCCEEDED");
+    assert_eq!(first.header("x-cache"), "MISS");
+    for replica in [1, 2] {
+        let reply = fleet.get(replica, &path).await;
+        assert_eq!(reply.body, first.body);
+        assert_eq!(reply.header("etag"), first.header("etag"));
+        assert_eq!(reply.header("x-cache"), "SHARED");
+        assert_eq!(
+            reply.header("cache-status"),
+            "progress-gateway; hit; detail=shared"
+        );
+    }
+    let late = fleet.add("").await;
+    let reply = fleet.get(late, &path).await;
+    assert_eq!(
+        (reply.body.clone(), reply.header("x-cache")),
+        (first.body.clone(), "SHARED")
+    );
+    assert_eq!(fleet.sim.requests(&path), 1);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_through_one_replica_stops_the_others_from_sending() {
+    let behaviour = Behaviour {
+        force_status: Some(429),
+        retry_after: Some("30".into()),
+        ..running(0)
+    };
+    let mut fleet = Fleet::new(behaviour).await;
+    for _ in 0..3 {
+        fleet.add("\n[cache]\nwait_timeout = \"1s\"").await;
+    }
+    let first = fleet.get(0, &roma_path("fleet-throttled-a")).await;
+    assert_eq!(first.status, 429);
+    assert_eq!(fleet.sim.total(), 1);
+    // Other jobs of the same API and project, through the other replicas.
+    for (replica, job) in [(1, "b"), (2, "c"), (1, "d"), (2, "e")] {
+        let reply = fleet
+            .get(replica, &roma_path(&format!("fleet-throttled-{job}")))
+            .await;
+        common::assert_gateway_error(&reply, 429, "PGW.4290");
+        let wait: u64 = reply.header("retry-after").parse().unwrap();
+        assert!((20..=30).contains(&wait), "Retry-After {wait}");
+    }
+    assert_eq!(
+        fleet.sim.total(),
+        1,
+        "no replica sent while the fleet is paused"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_mid_run_fails_no_request_and_the_fleet_recovers_when_it_returns() {
+    let mut fleet = Fleet::new(running(20)).await;
+    for _ in 0..3 {
+        fleet.add("\n[cache]\nrunning_ttl = \"1s\"").await;
+    }
+    let fleet = Arc::new(tokio::sync::Mutex::new(fleet));
+    let jobs = 3;
+    let paths: Vec<_> = (0..jobs)
+        .map(|j| roma_path(&format!("fleet-kill-{j}")))
+        .collect();
+    let (failed, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (proxies, client, sim) = {
+        let fleet = fleet.lock().await;
+        let proxies: Vec<_> = fleet.replicas.iter().map(|r| r.proxy).collect();
+        (proxies, fleet.client.clone(), fleet.sim.clone())
+    };
+    let pollers: Vec<_> = (0..30)
+        .map(|i| {
+            let (paths, failed, sent) = (paths.clone(), failed.clone(), sent.clone());
+            let (proxies, client, stop) = (proxies.clone(), client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = i;
+                while !stop.is_cancelled() {
+                    let reply = get(&client, proxies[n % 3], &paths[n % paths.len()]).await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if reply.status != 200 {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+    let upstream = || paths.iter().map(|p| sim.requests(p)).sum::<u64>();
+    let phase = Duration::from_secs(4);
+    let bound = jobs * (phase.as_secs() + 1);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = upstream();
+    fleet.lock().await.redis.kill();
+    tokio::time::sleep(phase).await;
+    let while_down = upstream() - before;
+
+    fleet.lock().await.redis.restart();
+    // Back to fleet-wide within seconds: each replica's breaker probes
+    // after its cooldown (2 s) and the subscriber reconnects within 1 s.
+    let back = Instant::now();
+    loop {
+        let fleet = fleet.lock().await;
+        let mut up = true;
+        for replica in 0..3 {
+            let ready = fleet.admin(replica, "/readyz").await.json();
+            up &= ready["shared"]["state"] == "up" && ready["shared"]["subscribed"] == true;
+        }
+        if up {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the fleet is not back"
+        );
+        drop(fleet);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = upstream();
+    tokio::time::sleep(phase).await;
+    let after_return = upstream() - before;
+    stop.cancel();
+    for poller in pollers {
+        poller.await.unwrap();
+    }
+    assert!(sent.load(Ordering::Relaxed) > 1000);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no client request failed"
+    );
+    assert!(
+        while_down <= 3 * bound,
+        "{while_down} upstream requests while Redis was down: more than 3 × {bound}"
+    );
+    assert!(
+        after_return <= bound,
+        "{after_return} upstream requests after Redis returned: more than {bound}"
+    );
+    let fleet = Arc::into_inner(fleet).unwrap().into_inner();
+    assert!(fleet.metric(0, "pgw_shared_errors_total").await > 0.0);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starts_and_serves_alone_when_redis_is_unreachable() {
+    let mut fleet = Fleet::new(running(0)).await;
+    // A port nothing listens on: bound, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let replica = fleet.add_on(&format!("redis://{closed}/0"), "").await;
+    for job in 0..4 {
+        let path = roma_path(&format!("fleet-alone-{job}"));
+        let reply = fleet.get(replica, &path).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.header("x-cache")),
+            (200, "MISS")
+        );
+        let again = fleet.get(replica, &path).await;
+        assert_eq!(again.header("x-cache"), "HIT");
+    }
+    let ready = fleet.admin(replica, "/readyz").await;
+    assert_eq!(
+        ready.status, 200,
+        "Redis trouble never makes a replica unready"
+    );
+    assert_eq!(ready.json()["shared"]["state"], "local-only");
+    assert_eq!(fleet.metric(replica, "pgw_shared_state").await, 2.0);
+    fleet.stop().await;
+}
+
+/// The binary as a process, for a replica that is killed.
+struct Process {
+    child: tokio::process::Child,
+    proxy: SocketAddr,
+}
+
+async fn spawn_replica(config: &std::path::Path) -> Process {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_progress-gateway"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("the replica starts")
+        .unwrap()
+        .expect("a listening line");
+    let proxy = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("proxy=http://"))
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    Process { child, proxy }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_killed_mid_fetch_is_taken_over_once_after_its_lock_expires() {
+    let mut fleet = Fleet::new(running(1500)).await;
+    let sections = "lock_ttl = \"2s\"\n[cache]\nwait_timeout = \"10s\"";
+    let config = fleet.dir.path().join("a.toml");
+    std::fs::write(&config, fleet.toml(&fleet.redis.url(), sections)).unwrap();
+    let mut holder = spawn_replica(&config).await;
+    let b = fleet.add(sections).await;
+    let c = fleet.add(sections).await;
+    let path = roma_path("fleet-takeover");
+
+    // The holder takes the lock and asks upstream; it dies mid-fetch.
+    let asking = tokio::spawn({
+        let (client, proxy, path) = (fleet.client.clone(), holder.proxy, path.clone());
+        async move {
+            client
+                .request(
+                    Request::get(format!("http://{proxy}{path}"))
+                        .body(Empty::new())
+                        .unwrap(),
+                )
+                .await
+        }
+    });
+    fleet.sim.arrived(1).await;
+    let killed_at = Instant::now();
+    holder.child.kill().await.unwrap();
+    assert!(
+        asking.await.unwrap().is_err(),
+        "the holder died before answering"
+    );
+
+    // B and C ask meanwhile: both wait for the lock; nothing goes upstream
+    // until it expires, then one takes over and the other is woken.
+    let (b_asks, c_asks) = {
+        let fleet = &fleet;
+        tokio::join!(
+            async {
+                let (reply_b, reply_c) = tokio::join!(fleet.get(b, &path), fleet.get(c, &path));
+                (reply_b, reply_c)
+            },
+            async {
+                // Both replicas waiting, by their counters, before the expiry.
+                loop {
+                    let waiting = fleet.metric(b, "pgw_shared_waits_total").await
+                        + fleet.metric(c, "pgw_shared_waits_total").await;
+                    if waiting == 2.0 {
+                        break;
+                    }
+                    assert!(
+                        killed_at.elapsed() < Duration::from_secs(10),
+                        "B and C never waited"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                assert!(killed_at.elapsed() < Duration::from_millis(1500));
+                assert_eq!(
+                    fleet.sim.requests(&path),
+                    1,
+                    "no second fetch while the lock lives"
+                );
+            }
+        )
+        .0
+    };
+    let (reply_b, reply_c) = (b_asks, c_asks);
+    for reply in [&reply_b, &reply_c] {
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(reply.json()["status"], "RUNNING");
+    }
+    assert_eq!(
+        fleet.sim.requests(&path),
+        2,
+        "the holder's fetch and one takeover"
+    );
+    let takeovers = fleet.metric(b, "pgw_shared_lock_takeovers_total").await
+        + fleet.metric(c, "pgw_shared_lock_takeovers_total").await;
+    assert_eq!(takeovers, 1.0);
+    let mut answers = [reply_b.header("x-cache"), reply_c.header("x-cache")];
+    answers.sort();
+    assert_eq!(answers, ["MISS", "SHARED"]);
+    fleet.stop().await;
+}
