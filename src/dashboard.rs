@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::activity::JobActivity;
-use crate::cache::{Class, Stored};
+use crate::cache::{Class, SharedState, Stored};
 use crate::credentials::redact;
 use crate::error::chain;
 use crate::metrics::Metrics;
@@ -96,6 +96,9 @@ pub struct Trouble {
     /// Budget refusals since start, by consumer.
     pub refusals: Vec<(String, u64)>,
     pub credentials: Vec<CredentialView>,
+    /// The shared tier's trouble, when there is a shared tier in trouble:
+    /// `local-only` (Redis failing) or `unsubscribed` (no wake-ups).
+    pub shared: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -300,10 +303,18 @@ impl Dashboard {
                 reason: redact(&chain(&reason)).into_owned(),
             })
             .collect();
+        let shared = self.gateway.cache().shared().and_then(|shared| {
+            match (shared.state(), shared.subscribed()) {
+                (SharedState::LocalOnly, _) => Some(SharedState::LocalOnly.as_str()),
+                (SharedState::Up, false) => Some("unsubscribed"),
+                (SharedState::Up, true) => None,
+            }
+        });
         Trouble {
             backoffs,
             refusals: self.metrics.refusals().into_iter().collect(),
             credentials,
+            shared,
         }
     }
 

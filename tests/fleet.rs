@@ -36,13 +36,17 @@ struct Fleet {
 
 impl Fleet {
     async fn new(behaviour: Behaviour) -> Fleet {
+        Fleet::with_redis(behaviour, RedisServer::start()).await
+    }
+
+    async fn with_redis(behaviour: Behaviour, redis: RedisServer) -> Fleet {
         let (sim, sim_addr) = start_simulator(behaviour).await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), TOKEN).unwrap();
         Fleet {
             sim,
             sim_addr,
-            redis: RedisServer::start(),
+            redis,
             replicas: Vec::new(),
             client: Client::builder(TokioExecutor::new()).build_http(),
             dir,
@@ -508,5 +512,107 @@ async fn a_lock_holder_killed_mid_fetch_is_taken_over_once_after_its_lock_expire
     let mut answers = [reply_b.header("x-cache"), reply_c.header("x-cache")];
     answers.sort();
     assert_eq!(answers, ["MISS", "SHARED"]);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_reaches_redis_whose_password_comes_from_a_file() {
+    const PASSWORD: &str = "redis-pass-7c1e9b2a";
+    // Upstream quotes the request's token back in its 500s.
+    let behaviour = Behaviour {
+        echo: true,
+        force_status: Some(500),
+        ..running(0)
+    };
+    let redis = RedisServer::start_with(&["--requirepass", PASSWORD]);
+    let mut fleet = Fleet::with_redis(behaviour, redis).await;
+    let password_file = fleet.dir.path().join("redis-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let sections = format!(
+        "password_file = \"{}\"\n[cache]\nerror_ttl = \"500ms\"\nfailure_backoff_max = \"1s\"",
+        password_file.display()
+    );
+    for _ in 0..2 {
+        fleet.add(&sections).await;
+    }
+    let failing = roma_path("fleet-secret-failing");
+    let failed = fleet.get(0, &failing).await;
+    assert_eq!(failed.status, 500);
+    assert_eq!(
+        fleet.get(1, &failing).await.body,
+        failed.body,
+        "the failure is shared"
+    );
+    fleet.sim.set_behaviour(|b| {
+        b.force_status = None;
+        b.echo = false;
+    });
+    let path = roma_path("fleet-secret-running");
+    // Past the failure's pause: the fleet lets the probe through.
+    let mut first = fleet.get(0, &path).await;
+    for _ in 0..100 {
+        if first.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        first = fleet.get(0, &path).await;
+    }
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(fleet.get(1, &path).await.header("x-cache"), "SHARED");
+
+    // Everything in Redis, keys and values.
+    let url = format!("redis://:{PASSWORD}@{}/0", fleet.redis.addr);
+    let mut redis = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(keys.len() >= 2, "an answer and a failure are stored");
+    let mut everything = Vec::new();
+    let names: Vec<String> = keys
+        .iter()
+        .map(|k| String::from_utf8_lossy(k).into())
+        .collect();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let values: Vec<Vec<u8>> = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap(),
+            "string" => vec![redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap()],
+            _ => Vec::new(),
+        };
+        everything.extend_from_slice(&key);
+        everything.push(b'\n');
+        for value in values {
+            everything.extend_from_slice(&value);
+        }
+    }
+    let text = String::from_utf8_lossy(&everything);
+    assert!(text.contains("RUNNING"), "the answer is there");
+    for secret in [TOKEN, PASSWORD] {
+        assert!(!text.contains(secret), "{secret} is in Redis: {text}");
+    }
+    // Keys are digests: no job, instance or credential in their names.
+    for name in &names {
+        for part in ["fleet-secret", "inst-1", "main", TOKEN] {
+            assert!(!name.contains(part), "{part} in the key {name}");
+        }
+    }
     fleet.stop().await;
 }

@@ -886,3 +886,164 @@ fn cause_named(name: &str) -> Option<Cause> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::Class;
+    use crate::upstream::UpstreamResponse;
+
+    fn shared() -> Shared {
+        let config = SharedConfig {
+            redis_url: "redis://127.0.0.1:9/0".into(),
+            ..SharedConfig::default()
+        };
+        Shared::new(&config, Duration::from_secs(10), Arc::default()).unwrap()
+    }
+
+    fn encoded() -> Vec<u8> {
+        let response = UpstreamResponse {
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::from_static(br#"{"status":"RUNNING"}"#),
+        };
+        Stored::new(&response, Class::Running, Instant::now()).encode()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_after_failures_in_a_row_then_lets_one_probe_through() {
+        let breaker = Breaker {
+            threshold: 3,
+            cooldown: Duration::from_secs(2),
+            state: Mutex::new(BreakerState::Closed { failures: 0 }),
+        };
+        let probe = Duration::from_millis(100);
+        let now = Instant::now();
+        breaker.failed(now);
+        breaker.failed(now);
+        breaker.succeeded();
+        breaker.failed(now);
+        breaker.failed(now);
+        assert!(!breaker.is_open(), "a success in between resets the count");
+        breaker.failed(now);
+        assert!(breaker.is_open());
+        assert!(!breaker.allow(now + Duration::from_millis(1999), probe));
+        let later = now + Duration::from_secs(2);
+        assert!(breaker.allow(later, probe), "one probe after the cooldown");
+        assert!(!breaker.allow(later, probe), "only one");
+        assert!(
+            breaker.allow(later + probe, probe),
+            "another if the probe vanished"
+        );
+        breaker.failed(later + probe);
+        assert!(
+            !breaker.allow(later + probe, probe),
+            "a failed probe opens it again"
+        );
+        assert!(breaker.allow(later + probe + Duration::from_secs(2), probe));
+        breaker.succeeded();
+        assert!(!breaker.is_open());
+    }
+
+    #[test]
+    fn claim_replies_are_decoded_into_local_time_and_nonsense_is_refused() {
+        let now = Instant::now() + Duration::from_secs(60);
+        let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+        let answer = Reply::parse(&[bulk(b"answer"), Value::Int(1500), bulk(&encoded())], now);
+        let Some(Reply::Answer(stored)) = answer else {
+            panic!("an answer")
+        };
+        assert_eq!(now - stored.stored_at, Duration::from_millis(1500));
+        // A refresh landed ahead: its window starts later.
+        let ahead = Reply::parse(&[bulk(b"answer"), Value::Int(-200), bulk(&encoded())], now);
+        let Some(Reply::Answer(stored)) = ahead else {
+            panic!("an answer")
+        };
+        assert_eq!(stored.stored_at - now, Duration::from_millis(200));
+        let paused = [
+            bulk(b"paused"),
+            Value::Int(4000),
+            bulk(b"throttled"),
+            Value::Int(0),
+            bulk(b""),
+        ];
+        let Some(Reply::Paused {
+            cause,
+            remaining,
+            standby,
+        }) = Reply::parse(&paused, now)
+        else {
+            panic!("a pause")
+        };
+        assert_eq!(
+            (cause, remaining),
+            (Cause::Throttled, Duration::from_secs(4))
+        );
+        assert!(standby.is_none());
+        assert!(Reply::parse(&[bulk(b"answer"), Value::Int(0), bulk(b"junk")], now).is_none());
+        assert!(Reply::parse(&[bulk(b"paused"), Value::Int(1), bulk(b"bored")], now).is_none());
+        assert!(Reply::parse(&[bulk(b"what")], now).is_none());
+        assert!(Reply::parse(&[], now).is_none());
+    }
+
+    #[tokio::test]
+    async fn messages_wake_waiters_and_pauses_from_others_are_applied_but_not_our_own() {
+        let shared = shared();
+        let key = CacheKey::from_hex(&"ab".repeat(16)).unwrap();
+        let notify = shared.waiting.lock().entry(key).or_default().clone();
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        assert_eq!(
+            shared.heard(format!("L other {}", key.hex()).as_bytes()),
+            None
+        );
+        tokio::time::timeout(Duration::from_secs(1), woken)
+            .await
+            .expect("the waiter is woken");
+        assert_eq!(
+            shared.heard(b"P other roma throttled 3000 0123abcd"),
+            Some(FleetEvent::Paused {
+                api: Api::Roma,
+                project: "0123abcd".into(),
+                cause: Cause::Throttled,
+                remaining: Duration::from_secs(3),
+            })
+        );
+        let own = format!("P {} roma throttled 3000 0123abcd", shared.replica);
+        assert_eq!(shared.heard(own.as_bytes()), None);
+        assert_eq!(
+            shared.heard(b"R other drs p1"),
+            Some(FleetEvent::Resumed {
+                api: Api::Drs,
+                project: "p1".into()
+            })
+        );
+        for junk in [
+            &b"P other nope throttled 1 p"[..],
+            b"X",
+            b"",
+            b"L other zz",
+            &[0xff, 0xfe],
+        ] {
+            assert_eq!(shared.heard(junk), None);
+        }
+    }
+
+    #[test]
+    fn urls_with_a_password_or_not_redis_are_refused_without_repeating_them() {
+        let check = |url: &str| {
+            SharedConfig {
+                redis_url: url.into(),
+                ..SharedConfig::default()
+            }
+            .check_url()
+        };
+        assert_eq!(check("redis://10.0.0.5:6379/0"), Ok(()));
+        assert_eq!(check("rediss://dcs.example:6379"), Ok(()));
+        let refused = check("redis://:hunter2-pass@10.0.0.5:6379/0").unwrap_err();
+        assert!(refused.contains("password_env"), "{refused}");
+        assert!(!refused.contains("hunter2"));
+        assert!(check("http://10.0.0.5").is_err());
+    }
+}

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     child: Option<Child>,
+    /// Extra `redis-server` arguments (`--requirepass ...`).
+    args: Vec<String>,
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -14,6 +16,10 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one, failing (never skipping) when `redis-server` is missing.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> RedisServer {
         // A port the kernel just gave out is free unless another process
         // takes it in between: then try another.
         for _ in 0..5 {
@@ -24,6 +30,7 @@ impl RedisServer {
                 .port();
             let mut server = RedisServer {
                 child: None,
+                args: args.iter().map(|a| a.to_string()).collect(),
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -64,6 +71,7 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
