@@ -489,8 +489,30 @@ impl Shared {
 
     /// Subscribes to the fleet channel until the tier is dropped, and hands
     /// other replicas' pauses to `on_event`. Reconnects after a second.
+    /// Also probes Redis while the breaker is open, so the fleet is whole
+    /// again soon after Redis returns, before any request needs it.
     pub fn listen(self: &Arc<Self>, on_event: impl Fn(FleetEvent) + Send + Sync + 'static) {
         let shared = Arc::downgrade(self);
+        let (probing, stop) = (shared.clone(), self.stop.clone());
+        let every = (self.breaker.cooldown / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let Some(shared) = probing.upgrade() else {
+                    return;
+                };
+                if shared.breaker.is_open() {
+                    let mut redis = shared.redis.clone();
+                    let ping =
+                        async move { redis::cmd("PING").query_async::<()>(&mut redis).await };
+                    shared.call(ping).await;
+                }
+            }
+        });
         let (client, channel, stop) =
             (self.client.clone(), self.channel.clone(), self.stop.clone());
         tokio::spawn(async move {
