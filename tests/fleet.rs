@@ -248,28 +248,32 @@ async fn a_finished_job_fetched_through_one_replica_is_served_by_all_even_one_st
     fleet.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_seen_through_one_replica_stops_the_others_from_sending() {
+/// Upstream answers `status` through replica 0: the other replicas send
+/// nothing more for that API and project while the pause lasts, and answer
+/// `error` (status and code) at once (their clients wait 1 s at most).
+async fn a_pause_begun_through_one_replica_holds_all(status: u16, error: (u16, &str)) {
     let behaviour = Behaviour {
-        force_status: Some(429),
+        force_status: Some(status),
         retry_after: Some("30".into()),
         ..running(0)
     };
     let mut fleet = Fleet::new(behaviour).await;
     for _ in 0..3 {
-        fleet.add("\n[cache]\nwait_timeout = \"1s\"").await;
+        fleet
+            .add("\n[cache]\nwait_timeout = \"1s\"\nerror_ttl = \"20s\"\nstale_if_error = \"0s\"")
+            .await;
     }
-    let first = fleet.get(0, &roma_path("fleet-throttled-a")).await;
-    assert_eq!(first.status, 429);
+    let first = fleet.get(0, &roma_path("fleet-paused-a")).await;
+    assert_eq!(first.status, status);
     assert_eq!(fleet.sim.total(), 1);
     // Other jobs of the same API and project, through the other replicas.
     for (replica, job) in [(1, "b"), (2, "c"), (1, "d"), (2, "e")] {
         let reply = fleet
-            .get(replica, &roma_path(&format!("fleet-throttled-{job}")))
+            .get(replica, &roma_path(&format!("fleet-paused-{job}")))
             .await;
-        common::assert_gateway_error(&reply, 429, "PGW.4290");
+        common::assert_gateway_error(&reply, error.0, error.1);
         let wait: u64 = reply.header("retry-after").parse().unwrap();
-        assert!((20..=30).contains(&wait), "Retry-After {wait}");
+        assert!((5..=30).contains(&wait), "Retry-After {wait}");
     }
     assert_eq!(
         fleet.sim.total(),
@@ -277,6 +281,57 @@ async fn a_429_seen_through_one_replica_stops_the_others_from_sending() {
         "no replica sent while the fleet is paused"
     );
     fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_through_one_replica_stops_the_others_from_sending() {
+    a_pause_begun_through_one_replica_holds_all(429, (429, "PGW.4290")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_seen_through_one_replica_backs_the_others_off_too() {
+    a_pause_begun_through_one_replica_holds_all(503, (503, "PGW.5031")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_upstream_budget_is_the_fleets_not_each_replicas() {
+    let mut fleet = Fleet::new(running(0)).await;
+    for _ in 0..3 {
+        fleet
+            .add("\n[cache]\nupstream_rate = 10.0\nwait_timeout = \"20s\"")
+            .await;
+    }
+    let fleet = Arc::new(fleet);
+    let started = Instant::now();
+    // 60 distinct jobs at once, 20 through each replica.
+    let clients: Vec<_> = (0..60)
+        .map(|i| {
+            let fleet = fleet.clone();
+            tokio::spawn(async move {
+                fleet
+                    .get(i % 3, &roma_path(&format!("fleet-budget-{i}")))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep_until(started + Duration::from_secs(1)).await;
+    // A burst of 10, then 10 a second: about 20 by now, fleet-wide. Each
+    // replica on its own budget would have sent all 60.
+    let sent = fleet.sim.total();
+    assert!(
+        sent <= 23,
+        "{sent} upstream requests in the first second at 10/s"
+    );
+    for client in clients {
+        assert_eq!(client.await.unwrap().status, 200);
+    }
+    assert_eq!(fleet.sim.total(), 60);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "60 requests at 10/s after a burst of 10 took {took:?}"
+    );
+    Arc::into_inner(fleet).unwrap().stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
