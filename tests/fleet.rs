@@ -54,10 +54,13 @@ impl Fleet {
     }
 
     /// A replica's config: `[shared]` on this fleet's Redis plus `sections`.
+    /// Calls get 1 s, not 50 ms: on a loaded test machine a loopback call
+    /// may wait that long for a CPU, and the replica would rightly act
+    /// alone, which these tests do not expect of a healthy Redis.
     fn toml(&self, redis_url: &str, sections: &str) -> String {
         SimFront::new(self.sim_addr, &self.dir.path().join("token"))
             .section(&format!(
-                "[shared]\nredis_url = \"{redis_url}\"\n{}",
+                "[shared]\nredis_url = \"{redis_url}\"\ncall_timeout = \"1s\"\n{}",
                 shared_extra(sections)
             ))
             .section(other_sections(sections))

@@ -615,7 +615,7 @@ impl Inner {
         window: Option<Instant>,
     ) -> Outcome {
         let (api, project) = (request.api, request.project.clone());
-        let mut lock = None;
+        let (mut lock, mut alone) = (None, self.shared.is_none());
         if let Some(shared) = &self.shared {
             let policy = self.policy.load();
             let now = Instant::now();
@@ -670,10 +670,14 @@ impl Inner {
                     )))
                 }
                 Claim::Lead(held) => lock = Some(held),
-                Claim::Local => {}
+                Claim::Local(held) => {
+                    // Alone: this replica's own budget; landed if it may hold the lock.
+                    alone = true;
+                    lock = held;
+                }
             }
         }
-        self.spend_budget(api, &project, lock.is_some()).await;
+        self.spend_budget(api, &project, !alone).await;
         let result = self.origin.clone().fetch(request.clone()).await;
         let mut report = Report::default();
         let outcome = self.settle(&key, &request, result, window, &mut report);

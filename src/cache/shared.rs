@@ -168,8 +168,10 @@ pub enum Claim {
     },
     /// This replica holds the fleet lock: fetch, then [`Shared::land`].
     Lead(Lock),
-    /// Redis cannot tell now: act alone.
-    Local,
+    /// Redis cannot tell now: act alone. With a lock when a call failed
+    /// without an answer: it may have taken the lock all the same, so the
+    /// result is landed anyway (releasing it, waking the others).
+    Local(Option<Lock>),
     /// Another replica held the lock past the deadline.
     TimedOut,
 }
@@ -614,15 +616,17 @@ impl Shared {
                 .arg(millis(self.lock_ttl))
                 .arg(millis(need));
             let mut redis = self.redis.clone();
-            let Some(reply) = self
+            let call = self
                 .call(async move { invocation.invoke_async::<Vec<Value>>(&mut redis).await })
-                .await
-            else {
-                return Claim::Local;
+                .await;
+            let reply = match call {
+                Call::Answered(reply) => reply,
+                Call::Failed => return Claim::Local(Some(Lock { key, token })),
+                Call::Skipped => return Claim::Local(None),
             };
             let now = Instant::now();
             let Some(reply) = Reply::parse(&reply, now) else {
-                return Claim::Local;
+                return Claim::Local(None);
             };
             match reply {
                 Reply::Answer(stored) => return Claim::Answer(stored),
@@ -762,15 +766,16 @@ impl Shared {
         let mut redis = self.redis.clone();
         let wait = self
             .call(async move { invocation.invoke_async::<u64>(&mut redis).await })
-            .await?;
+            .await
+            .ok()?;
         Some(Duration::from_micros(wait))
     }
 
     /// Runs one Redis call within its deadline, through the breaker.
-    async fn call<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
+    async fn call<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Call<T> {
         let now = Instant::now();
         if !self.breaker.allow(now, self.call_timeout * 2) {
-            return None;
+            return Call::Skipped;
         }
         let result = tokio::time::timeout(self.call_timeout, call).await;
         match result {
@@ -780,7 +785,7 @@ impl Shared {
                 }
                 self.breaker.succeeded();
                 self.metrics.shared_state.set(1);
-                Some(value)
+                Call::Answered(value)
             }
             failure => {
                 self.metrics.shared_errors.inc();
@@ -796,7 +801,7 @@ impl Shared {
                         tracing::warn!(error = %why, "shared tier: Redis failing; this replica acts alone for now");
                     }
                 }
-                None
+                Call::Failed
             }
         }
     }
@@ -810,6 +815,24 @@ impl Shared {
             format!("{p}p:{}:{project}", api.as_str()),
             format!("{p}f:{hex}"),
         ]
+    }
+}
+
+/// How a Redis call went.
+enum Call<T> {
+    Answered(T),
+    /// Failed or past its deadline: it may have run all the same.
+    Failed,
+    /// Not made: the breaker is open.
+    Skipped,
+}
+
+impl<T> Call<T> {
+    fn ok(self) -> Option<T> {
+        match self {
+            Call::Answered(value) => Some(value),
+            _ => None,
+        }
     }
 }
 
