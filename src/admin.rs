@@ -99,7 +99,7 @@ impl Admin {
         self.metrics.set_backoffs(throttled, failing);
         let shared = match cache.shared().map(|s| s.state()) {
             None => 0,
-            Some(SharedState::Up) => 1,
+            Some(SharedState::Up | SharedState::Connecting) => 1,
             Some(SharedState::LocalOnly) => 2,
         };
         self.metrics.shared_state.set(shared);

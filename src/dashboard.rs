@@ -97,7 +97,8 @@ pub struct Trouble {
     pub refusals: Vec<(String, u64)>,
     pub credentials: Vec<CredentialView>,
     /// The shared tier's trouble, when there is a shared tier in trouble:
-    /// `local-only` (Redis failing) or `unsubscribed` (no wake-ups).
+    /// `local-only` (Redis failing), `connecting` (not reached since start)
+    /// or `unsubscribed` (no wake-ups).
     pub shared: Option<&'static str>,
 }
 
@@ -305,9 +306,9 @@ impl Dashboard {
             .collect();
         let shared = self.gateway.cache().shared().and_then(|shared| {
             match (shared.state(), shared.subscribed()) {
-                (SharedState::LocalOnly, _) => Some(SharedState::LocalOnly.as_str()),
-                (SharedState::Up, false) => Some("unsubscribed"),
                 (SharedState::Up, true) => None,
+                (SharedState::Up, false) => Some("unsubscribed"),
+                (state, _) => Some(state.as_str()),
             }
         });
         Trouble {

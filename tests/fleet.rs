@@ -68,9 +68,12 @@ impl Fleet {
     }
 
     /// Starts one more replica in this process; returns its index.
+    /// Starts one more replica on this fleet's Redis, once it is connected.
     async fn add(&mut self, sections: &str) -> usize {
         let url = self.redis.url();
-        self.add_on(&url, sections).await
+        let replica = self.add_on(&url, sections).await;
+        self.connected(replica).await;
+        replica
     }
 
     async fn add_on(&mut self, redis_url: &str, sections: &str) -> usize {
@@ -79,6 +82,20 @@ impl Fleet {
         let running = App::new(config).unwrap().bind().await.unwrap();
         self.replicas.push(running);
         self.replicas.len() - 1
+    }
+
+    /// Waits until `replica` has reached Redis and subscribed to the fleet
+    /// channel, as its `/readyz` says.
+    async fn connected(&self, replica: usize) {
+        let since = Instant::now();
+        loop {
+            let ready = self.admin(replica, "/readyz").await.json();
+            if ready["shared"]["state"] == "up" && ready["shared"]["subscribed"] == true {
+                return;
+            }
+            assert!(since.elapsed() < Duration::from_secs(10), "{ready}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn get(&self, replica: usize, path: &str) -> Reply {

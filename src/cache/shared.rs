@@ -4,7 +4,7 @@
 //!
 //! The local store stays the first tier; Redis is asked only where a replica
 //! would otherwise fetch (once per key and window, by the local flight's
-//! leader). One script, [`CLAIM`], answers with the first that applies:
+//! leader). One script, `CLAIM`, answers with the first that applies:
 //! - a fresh answer another replica stored (`Cache-Status: …; detail=shared`);
 //! - a pause in force for the API and project (a 429 or failures anywhere);
 //! - a failure recorded for the key within its `error_ttl`;
@@ -14,7 +14,7 @@
 //!   (a lost message costs a short delay, never a second fetch). When the
 //!   holder vanished, its lock expires and the next one to ask takes over.
 //!
-//! The holder lands its result with [`LAND`]: stores the answer (or the
+//! The holder lands its result with `LAND`: stores the answer (or the
 //! failure, or the pause), releases the lock if it is still its own token,
 //! and publishes. Times are Redis's (`TIME`), so replicas' clocks need not
 //! agree, and a window start travels as an age, which each replica turns into
@@ -125,6 +125,9 @@ impl SharedConfig {
 /// The shared tier's state, for `/readyz`, the metrics and the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SharedState {
+    /// Redis has not answered yet since start (requests go on alone meanwhile
+    /// when a call fails).
+    Connecting,
     /// Calls succeed (or none failed lately): fleet-wide guarantees.
     Up,
     /// The breaker is open: this replica acts alone until a probe succeeds.
@@ -134,6 +137,7 @@ pub enum SharedState {
 impl SharedState {
     pub fn as_str(self) -> &'static str {
         match self {
+            SharedState::Connecting => "connecting",
             SharedState::Up => "up",
             SharedState::LocalOnly => "local-only",
         }
@@ -381,6 +385,8 @@ pub struct Shared {
     /// Tags this replica's messages, so it ignores its own.
     replica: String,
     subscribed: AtomicBool,
+    /// Redis has answered at least once.
+    reached: AtomicBool,
     claim: Script,
     land: Script,
     budget: Script,
@@ -463,6 +469,7 @@ impl Shared {
             waiting: Mutex::default(),
             replica: uuid::Uuid::new_v4().simple().to_string(),
             subscribed: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
             claim: Script::new(CLAIM),
             land: Script::new(LAND),
             budget: Script::new(BUDGET),
@@ -479,6 +486,8 @@ impl Shared {
     pub fn state(&self) -> SharedState {
         if self.breaker.is_open() {
             SharedState::LocalOnly
+        } else if !self.reached.load(Ordering::Relaxed) {
+            SharedState::Connecting
         } else {
             SharedState::Up
         }
@@ -491,14 +500,17 @@ impl Shared {
 
     /// Subscribes to the fleet channel until the tier is dropped, and hands
     /// other replicas' pauses to `on_event`. Reconnects after a second.
-    /// Also probes Redis while the breaker is open, so the fleet is whole
-    /// again soon after Redis returns, before any request needs it.
+    /// Also connects at once (so the first request finds the connection
+    /// made and the scripts loaded), and probes Redis while the breaker is
+    /// open, so the fleet is whole again soon after Redis returns, before
+    /// any request needs it.
     pub fn listen(self: &Arc<Self>, on_event: impl Fn(FleetEvent) + Send + Sync + 'static) {
         let shared = Arc::downgrade(self);
         let (probing, stop) = (shared.clone(), self.stop.clone());
         let every = (self.breaker.cooldown / 2).max(Duration::from_millis(100));
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
+            let mut warm = false;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -507,11 +519,8 @@ impl Shared {
                 let Some(shared) = probing.upgrade() else {
                     return;
                 };
-                if shared.breaker.is_open() {
-                    let mut redis = shared.redis.clone();
-                    let ping =
-                        async move { redis::cmd("PING").query_async::<()>(&mut redis).await };
-                    shared.call(ping).await;
+                if !warm || shared.breaker.is_open() {
+                    warm = shared.warm_up().await;
                 }
             }
         });
@@ -550,6 +559,21 @@ impl Shared {
                 }
             }
         });
+    }
+
+    /// Pings Redis and loads the scripts; true if Redis answered.
+    async fn warm_up(&self) -> bool {
+        let mut redis = self.redis.clone();
+        let ping = async move { redis::cmd("PING").query_async::<()>(&mut redis).await };
+        if self.call(ping).await.ok().is_none() {
+            return false;
+        }
+        for script in [&self.claim, &self.land, &self.budget] {
+            let mut redis = self.redis.clone();
+            let load = script.prepare_invoke();
+            let _ = tokio::time::timeout(self.call_timeout, load.load_async(&mut redis)).await;
+        }
+        true
     }
 
     /// One message from the channel: wakes a waiter, or is a pause to apply.
@@ -784,6 +808,7 @@ impl Shared {
                     tracing::info!("shared tier: Redis answers again; fleet-wide once more");
                 }
                 self.breaker.succeeded();
+                self.reached.store(true, Ordering::Relaxed);
                 self.metrics.shared_state.set(1);
                 Call::Answered(value)
             }
