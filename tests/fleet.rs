@@ -590,6 +590,52 @@ async fn a_lock_holder_killed_mid_fetch_is_taken_over_once_after_its_lock_expire
     fleet.stop().await;
 }
 
+/// Every key in the Redis at `url` and all their values, as text.
+async fn redis_contents(url: &str) -> (Vec<String>, String) {
+    let mut redis = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut text = String::new();
+    for key in &keys {
+        // A key may expire between KEYS and here: then it reads as nothing.
+        let hash: Vec<Vec<u8>> = redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        let string: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        for value in hash.into_iter().chain(string) {
+            text.push_str(&String::from_utf8_lossy(&value));
+            text.push('\n');
+        }
+    }
+    (keys, text)
+}
+
+/// No token or password in keys or values; keys are digests, naming no
+/// job, instance or credential.
+fn assert_nothing_secret((keys, text): &(Vec<String>, String), password: &str) {
+    for secret in [TOKEN, password] {
+        assert!(!text.contains(secret), "{secret} is in Redis: {text}");
+    }
+    for key in keys {
+        for part in ["fleet-secret", "inst-1", "main", TOKEN] {
+            assert!(!key.contains(part), "{part} in the key {key}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_secret_reaches_redis_whose_password_comes_from_a_file() {
     const PASSWORD: &str = "redis-pass-7c1e9b2a";
@@ -603,13 +649,15 @@ async fn nothing_secret_reaches_redis_whose_password_comes_from_a_file() {
     let mut fleet = Fleet::with_redis(behaviour, redis).await;
     let password_file = fleet.dir.path().join("redis-password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    // The failure is shared for 30 s; the pause it begins lasts 1 s at most.
     let sections = format!(
-        "password_file = \"{}\"\n[cache]\nerror_ttl = \"500ms\"\nfailure_backoff_max = \"1s\"",
+        "password_file = \"{}\"\n[cache]\nerror_ttl = \"30s\"\nfailure_backoff_max = \"1s\"",
         password_file.display()
     );
     for _ in 0..2 {
         fleet.add(&sections).await;
     }
+    let url = format!("redis://:{PASSWORD}@{}/0", fleet.redis.addr);
     let failing = roma_path("fleet-secret-failing");
     let failed = fleet.get(0, &failing).await;
     assert_eq!(failed.status, 500);
@@ -618,6 +666,13 @@ async fn nothing_secret_reaches_redis_whose_password_comes_from_a_file() {
         failed.body,
         "the failure is shared"
     );
+    let stored = redis_contents(&url).await;
+    assert!(
+        stored.1.contains("SIM.0500"),
+        "the failure is in Redis: {stored:?}"
+    );
+    assert_nothing_secret(&stored, PASSWORD);
+
     fleet.sim.set_behaviour(|b| {
         b.force_status = None;
         b.echo = false;
@@ -634,60 +689,11 @@ async fn nothing_secret_reaches_redis_whose_password_comes_from_a_file() {
     }
     assert_eq!(first.status, 200, "{:?}", first.body);
     assert_eq!(fleet.get(1, &path).await.header("x-cache"), "SHARED");
-
-    // Everything in Redis, keys and values.
-    let url = format!("redis://:{PASSWORD}@{}/0", fleet.redis.addr);
-    let mut redis = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert!(keys.len() >= 2, "an answer and a failure are stored");
-    let mut everything = Vec::new();
-    let names: Vec<String> = keys
-        .iter()
-        .map(|k| String::from_utf8_lossy(k).into())
-        .collect();
-    for key in keys {
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        let values: Vec<Vec<u8>> = match kind.as_str() {
-            "hash" => redis::cmd("HGETALL")
-                .arg(&key)
-                .query_async(&mut redis)
-                .await
-                .unwrap(),
-            "string" => vec![redis::cmd("GET")
-                .arg(&key)
-                .query_async(&mut redis)
-                .await
-                .unwrap()],
-            _ => Vec::new(),
-        };
-        everything.extend_from_slice(&key);
-        everything.push(b'\n');
-        for value in values {
-            everything.extend_from_slice(&value);
-        }
-    }
-    let text = String::from_utf8_lossy(&everything);
-    assert!(text.contains("RUNNING"), "the answer is there");
-    for secret in [TOKEN, PASSWORD] {
-        assert!(!text.contains(secret), "{secret} is in Redis: {text}");
-    }
-    // Keys are digests: no job, instance or credential in their names.
-    for name in &names {
-        for part in ["fleet-secret", "inst-1", "main", TOKEN] {
-            assert!(!name.contains(part), "{part} in the key {name}");
-        }
-    }
+    let stored = redis_contents(&url).await;
+    assert!(
+        stored.1.contains("RUNNING"),
+        "the answer is in Redis: {stored:?}"
+    );
+    assert_nothing_secret(&stored, PASSWORD);
     fleet.stop().await;
 }

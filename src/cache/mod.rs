@@ -172,6 +172,18 @@ enum Outcome {
     Failed(Arc<GatewayError>),
 }
 
+/// What [`Inner::ask_fleet`] found.
+enum Fleet {
+    /// Another replica's answer, pause or failure, or a wait that timed out.
+    Settled(Outcome),
+    /// This replica fetches: under the fleet lock, or alone (Redis failing;
+    /// with a lock the failed call may have taken all the same).
+    Fetch {
+        lock: Option<shared::Lock>,
+        alone: bool,
+    },
+}
+
 /// What one fetch left behind, for the fleet to share.
 #[derive(Debug, Default)]
 struct Report {
@@ -615,68 +627,13 @@ impl Inner {
         window: Option<Instant>,
     ) -> Outcome {
         let (api, project) = (request.api, request.project.clone());
-        let (mut lock, mut alone) = (None, self.shared.is_none());
-        if let Some(shared) = &self.shared {
-            let policy = self.policy.load();
-            let now = Instant::now();
-            // A refresh ahead wants the next window's answer: one fresh well
-            // into it, not the current one that ends soon.
-            let need = window.map_or(Duration::ZERO, |start| {
-                start.saturating_duration_since(now) + policy.running_ttl / 2
-            });
-            let deadline = now + policy.wait_timeout;
-            match shared.claim(key, api, &project, need, deadline).await {
-                Claim::Answer(stored) => return self.adopt(key, &request, stored),
-                Claim::Paused {
-                    cause,
-                    remaining,
-                    standby,
-                } => {
-                    let now = Instant::now();
-                    self.backoffs.adopt(api, &project, now, cause, remaining);
-                    let reason = match cause {
-                        Cause::Throttled => StaleReason::Throttled,
-                        Cause::Failing => StaleReason::UpstreamError,
-                    };
-                    return match self.standby(key, standby, now) {
-                        Some(stale) => self.stand_in(&key, stale, reason),
-                        None => Outcome::Paused,
-                    };
-                }
-                Claim::Failed {
-                    answer,
-                    remaining,
-                    standby,
-                } => {
-                    let now = Instant::now();
-                    let failure = match answer {
-                        Some(answer) => Failure::Answer(answer),
-                        None => Failure::Error(Arc::new(GatewayError::UpstreamFailing {
-                            api: api.as_str(),
-                            retry_after: remaining,
-                        })),
-                    };
-                    self.failures.insert(key, now + remaining, failure.clone());
-                    self.metrics.failures_shared.inc();
-                    return match (self.standby(key, standby, now), failure) {
-                        (Some(stale), _) => self.stand_in(&key, stale, StaleReason::UpstreamError),
-                        (None, Failure::Answer(answer)) => Outcome::Fetched(answer),
-                        (None, Failure::Error(error)) => Outcome::Failed(error),
-                    };
-                }
-                Claim::TimedOut => {
-                    return Outcome::Failed(Arc::new(GatewayError::WaitTimeout(
-                        policy.wait_timeout,
-                    )))
-                }
-                Claim::Lead(held) => lock = Some(held),
-                Claim::Local(held) => {
-                    // Alone: this replica's own budget; landed if it may hold the lock.
-                    alone = true;
-                    lock = held;
-                }
-            }
-        }
+        let (lock, alone) = match &self.shared {
+            None => (None, true),
+            Some(shared) => match self.ask_fleet(shared, key, &request, window).await {
+                Fleet::Settled(outcome) => return outcome,
+                Fleet::Fetch { lock, alone } => (lock, alone),
+            },
+        };
         self.spend_budget(api, &project, !alone).await;
         let result = self.origin.clone().fetch(request.clone()).await;
         let mut report = Report::default();
@@ -691,6 +648,78 @@ impl Inner {
             });
         }
         outcome
+    }
+
+    /// What the fleet says before this replica fetches `key`: another
+    /// replica's answer, pause or failure settles it here; else fetch.
+    async fn ask_fleet(
+        &self,
+        shared: &Shared,
+        key: CacheKey,
+        request: &FetchRequest,
+        window: Option<Instant>,
+    ) -> Fleet {
+        let (api, project) = (request.api, request.project.as_str());
+        let policy = self.policy.load();
+        let now = Instant::now();
+        // A refresh ahead wants the next window's answer: one fresh well
+        // into it, not the current one that ends soon.
+        let need = window.map_or(Duration::ZERO, |start| {
+            start.saturating_duration_since(now) + policy.running_ttl / 2
+        });
+        let deadline = now + policy.wait_timeout;
+        let outcome = match shared.claim(key, api, project, need, deadline).await {
+            Claim::Lead(lock) => {
+                return Fleet::Fetch {
+                    lock: Some(lock),
+                    alone: false,
+                }
+            }
+            // Alone: this replica's own budget; landed if it may hold the lock.
+            Claim::Local(lock) => return Fleet::Fetch { lock, alone: true },
+            Claim::Answer(stored) => self.adopt(key, request, stored),
+            Claim::Paused {
+                cause,
+                remaining,
+                standby,
+            } => {
+                let now = Instant::now();
+                self.backoffs.adopt(api, project, now, cause, remaining);
+                let reason = match cause {
+                    Cause::Throttled => StaleReason::Throttled,
+                    Cause::Failing => StaleReason::UpstreamError,
+                };
+                match self.standby(key, standby, now) {
+                    Some(stale) => self.stand_in(&key, stale, reason),
+                    None => Outcome::Paused,
+                }
+            }
+            Claim::Failed {
+                answer,
+                remaining,
+                standby,
+            } => {
+                let now = Instant::now();
+                let failure = match answer {
+                    Some(answer) => Failure::Answer(answer),
+                    None => Failure::Error(Arc::new(GatewayError::UpstreamFailing {
+                        api: api.as_str(),
+                        retry_after: remaining,
+                    })),
+                };
+                self.failures.insert(key, now + remaining, failure.clone());
+                self.metrics.failures_shared.inc();
+                match (self.standby(key, standby, now), failure) {
+                    (Some(stale), _) => self.stand_in(&key, stale, StaleReason::UpstreamError),
+                    (None, Failure::Answer(answer)) => Outcome::Fetched(answer),
+                    (None, Failure::Error(error)) => Outcome::Failed(error),
+                }
+            }
+            Claim::TimedOut => {
+                Outcome::Failed(Arc::new(GatewayError::WaitTimeout(policy.wait_timeout)))
+            }
+        };
+        Fleet::Settled(outcome)
     }
 
     /// What the fleet keeps of a fetch: the answer stored, or the failure.
