@@ -27,7 +27,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -118,11 +118,7 @@ fn is_root() -> bool {
 }
 
 fn start_gateway(dir: &Path, sim: SocketAddr) -> Server {
-    let bin = std::env::var("PGW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/progress-gateway")
-        });
+    let bin = gateway_binary();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     std::fs::write(dir.join("token"), TOKEN).unwrap();
     let config = dir.join("gateway.toml");

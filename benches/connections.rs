@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,11 +38,7 @@ async fn new_clients(addr: std::net::SocketAddr, path: &str) -> Vec<f64> {
 
 fn main() {
     let n = env("PGW_BENCH_CONNECTIONS", 2000) as usize;
-    let bin = std::env::var("PGW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/progress-gateway")
-        });
+    let bin = gateway_binary();
     let runtime = runtime();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();

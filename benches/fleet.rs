@@ -164,11 +164,7 @@ async fn shared_hit_latency(a: SocketAddr, b: SocketAddr, n: usize) -> [Latencie
 
 fn main() {
     let seconds = env("PGW_BENCH_SECONDS", 5);
-    let bin = std::env::var("PGW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/progress-gateway")
-        });
+    let bin = gateway_binary();
     let runtime = runtime();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();

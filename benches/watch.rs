@@ -14,7 +14,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -313,11 +312,7 @@ fn main() {
     let polls = env("PGW_BENCH_LONG_POLLS", 10_000) as usize;
     let streams = env("PGW_BENCH_STREAMS", 1_000) as usize;
     let windows = env("PGW_BENCH_WINDOWS", 10);
-    let bin = std::env::var("PGW_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/progress-gateway")
-        });
+    let bin = gateway_binary();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     for protocol in [Protocol::Http1, Protocol::Http2] {
         println!(

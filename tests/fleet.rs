@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use progress_gateway::app::{App, Running};
 use progress_gateway::tools::simulator::{Behaviour, Simulator};
 use progress_gateway::tools::SimFront;
-use tokio::io::{AsyncBufReadExt, BufReader};
+
 use tokio::time::Instant;
 
 use common::redis::RedisServer;
@@ -68,6 +68,15 @@ impl Fleet {
     }
 
     /// Starts one more replica in this process; returns its index.
+    /// A fleet of `n` replicas with `sections`, each connected.
+    async fn replicas(n: usize, behaviour: Behaviour, sections: &str) -> Fleet {
+        let mut fleet = Fleet::new(behaviour).await;
+        for _ in 0..n {
+            fleet.add(sections).await;
+        }
+        fleet
+    }
+
     /// Starts one more replica on this fleet's Redis, once it is connected.
     async fn add(&mut self, sections: &str) -> usize {
         let url = self.redis.url();
@@ -151,6 +160,61 @@ fn metric_in(reply: &Reply, name: &str) -> f64 {
         .map_or(0.0, |v| v.parse().unwrap())
 }
 
+/// 30 pollers spread over every replica, each asking for the jobs in turn
+/// 100 ms apart, until [`Polling::end`].
+struct Polling {
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+    pollers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Polling {
+    fn start(fleet: &Fleet, paths: &[String]) -> Polling {
+        let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let proxies: Vec<_> = fleet.replicas.iter().map(|r| r.proxy).collect();
+        let pollers = (0..30)
+            .map(|i| {
+                let (paths, proxies, client) =
+                    (paths.to_vec(), proxies.clone(), fleet.client.clone());
+                let (sent, failed, stop) = (sent.clone(), failed.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = i;
+                    while !stop.is_cancelled() {
+                        let proxy = proxies[n % proxies.len()];
+                        let reply = get(&client, proxy, &paths[n % paths.len()]).await;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if reply.status != 200 {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        n += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+            })
+            .collect();
+        Polling {
+            sent,
+            failed,
+            stop,
+            pollers,
+        }
+    }
+
+    /// Stops the pollers: (requests sent, requests that failed).
+    async fn end(self) -> (u64, u64) {
+        self.stop.cancel();
+        for poller in self.pollers {
+            poller.await.unwrap();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
 fn running(latency_ms: u64) -> Behaviour {
     Behaviour {
         latency: Duration::from_millis(latency_ms),
@@ -161,10 +225,7 @@ fn running(latency_ms: u64) -> Behaviour {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_and_300_clients_cost_one_upstream_request() {
-    let mut fleet = Fleet::new(running(300)).await;
-    for _ in 0..3 {
-        fleet.add("").await;
-    }
+    let fleet = Fleet::replicas(3, running(300), "").await;
     let fleet = Arc::new(fleet);
     let path = roma_path("fleet-once");
     let clients: Vec<_> = (0..300)
@@ -194,39 +255,18 @@ async fn three_replicas_and_300_clients_cost_one_upstream_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sustained_polling_through_three_replicas_costs_what_one_gateway_costs() {
-    let mut fleet = Fleet::new(running(20)).await;
-    for _ in 0..3 {
-        fleet.add("\n[cache]\nrunning_ttl = \"1s\"").await;
-    }
+    let fleet = Fleet::replicas(3, running(20), "\n[cache]\nrunning_ttl = \"1s\"").await;
     let fleet = Arc::new(fleet);
     let (jobs, seconds) = (4, 6);
     let paths: Vec<_> = (0..jobs)
         .map(|j| roma_path(&format!("fleet-poll-{j}")))
         .collect();
-    let failed = Arc::new(AtomicU64::new(0));
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let pollers: Vec<_> = (0..30)
-        .map(|i| {
-            let (fleet, paths, failed) = (fleet.clone(), paths.clone(), failed.clone());
-            tokio::spawn(async move {
-                let mut n = i;
-                while Instant::now() < until {
-                    let reply = fleet.get(n % 3, &paths[n % paths.len()]).await;
-                    if reply.status != 200 {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    n += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        })
-        .collect();
-    for poller in pollers {
-        poller.await.unwrap();
-    }
+    let polling = Polling::start(&fleet, &paths);
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (_, failed) = polling.end().await;
     let upstream: u64 = paths.iter().map(|p| fleet.sim.requests(p)).sum();
     let bound = jobs * (seconds + 1);
-    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert_eq!(failed, 0);
     assert!(
         upstream <= bound,
         "{upstream} upstream requests for {jobs} jobs over {seconds} s: more than {bound}"
@@ -240,10 +280,7 @@ async fn a_finished_job_fetched_through_one_replica_is_served_by_all_even_one_st
         job_duration: Duration::ZERO,
         ..Behaviour::default()
     };
-    let mut fleet = Fleet::new(behaviour).await;
-    for _ in 0..3 {
-        fleet.add("").await;
-    }
+    let mut fleet = Fleet::replicas(3, behaviour, "").await;
     let path = roma_path("fleet-done");
     let first = fleet.get(0, &path).await;
     assert_eq!(first.json()["status"], "SUCCEEDED");
@@ -277,12 +314,8 @@ async fn a_pause_begun_through_one_replica_holds_all(status: u16, error: (u16, &
         retry_after: Some("30".into()),
         ..running(0)
     };
-    let mut fleet = Fleet::new(behaviour).await;
-    for _ in 0..3 {
-        fleet
-            .add("\n[cache]\nwait_timeout = \"1s\"\nerror_ttl = \"20s\"\nstale_if_error = \"0s\"")
-            .await;
-    }
+    let sections = "\n[cache]\nwait_timeout = \"1s\"\nerror_ttl = \"20s\"\nstale_if_error = \"0s\"";
+    let fleet = Fleet::replicas(3, behaviour, sections).await;
     let first = fleet.get(0, &roma_path("fleet-paused-a")).await;
     assert_eq!(first.status, status);
     assert_eq!(fleet.sim.total(), 1);
@@ -315,12 +348,8 @@ async fn a_failure_seen_through_one_replica_backs_the_others_off_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_upstream_budget_is_the_fleets_not_each_replicas() {
-    let mut fleet = Fleet::new(running(0)).await;
-    for _ in 0..3 {
-        fleet
-            .add("\n[cache]\nupstream_rate = 10.0\nwait_timeout = \"20s\"")
-            .await;
-    }
+    let sections = "\n[cache]\nupstream_rate = 10.0\nwait_timeout = \"20s\"";
+    let fleet = Fleet::replicas(3, running(0), sections).await;
     let fleet = Arc::new(fleet);
     let started = Instant::now();
     // 60 distinct jobs at once, 20 through each replica.
@@ -356,40 +385,16 @@ async fn the_upstream_budget_is_the_fleets_not_each_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_mid_run_fails_no_request_and_the_fleet_recovers_when_it_returns() {
-    let mut fleet = Fleet::new(running(20)).await;
-    for _ in 0..3 {
-        fleet.add("\n[cache]\nrunning_ttl = \"1s\"").await;
-    }
+    let fleet = Fleet::replicas(3, running(20), "\n[cache]\nrunning_ttl = \"1s\"").await;
     let fleet = Arc::new(tokio::sync::Mutex::new(fleet));
     let jobs = 3;
     let paths: Vec<_> = (0..jobs)
         .map(|j| roma_path(&format!("fleet-kill-{j}")))
         .collect();
-    let (failed, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (proxies, client, sim) = {
+    let (polling, sim) = {
         let fleet = fleet.lock().await;
-        let proxies: Vec<_> = fleet.replicas.iter().map(|r| r.proxy).collect();
-        (proxies, fleet.client.clone(), fleet.sim.clone())
+        (Polling::start(&fleet, &paths), fleet.sim.clone())
     };
-    let pollers: Vec<_> = (0..30)
-        .map(|i| {
-            let (paths, failed, sent) = (paths.clone(), failed.clone(), sent.clone());
-            let (proxies, client, stop) = (proxies.clone(), client.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut n = i;
-                while !stop.is_cancelled() {
-                    let reply = get(&client, proxies[n % 3], &paths[n % paths.len()]).await;
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    if reply.status != 200 {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    n += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        })
-        .collect();
     let upstream = || paths.iter().map(|p| sim.requests(p)).sum::<u64>();
     let phase = Duration::from_secs(4);
     let bound = jobs * (phase.as_secs() + 1);
@@ -424,16 +429,9 @@ async fn redis_killed_mid_run_fails_no_request_and_the_fleet_recovers_when_it_re
     let before = upstream();
     tokio::time::sleep(phase).await;
     let after_return = upstream() - before;
-    stop.cancel();
-    for poller in pollers {
-        poller.await.unwrap();
-    }
-    assert!(sent.load(Ordering::Relaxed) > 1000);
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "no client request failed"
-    );
+    let (sent, failed) = polling.end().await;
+    assert!(sent > 1000);
+    assert_eq!(failed, 0, "no client request failed");
     assert!(
         while_down <= 3 * bound,
         "{while_down} upstream requests while Redis was down: more than 3 × {bound}"
@@ -491,18 +489,8 @@ async fn spawn_replica(config: &std::path::Path) -> Process {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
-        .await
-        .expect("the replica starts")
-        .unwrap()
-        .expect("a listening line");
-    let proxy = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("proxy=http://"))
-        .unwrap_or_else(|| panic!("{line}"))
-        .parse()
-        .unwrap();
+    let line = common::listening_line(&mut child).await;
+    let proxy = common::listening(&line, "proxy").unwrap_or_else(|| panic!("{line}"));
     Process { child, proxy }
 }
 

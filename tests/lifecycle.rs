@@ -61,22 +61,9 @@ async fn spawn_gateway_with(config: &std::path::Path, open_files: Option<u32>) -
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
-        .await
-        .expect("the gateway starts")
-        .unwrap()
-        .expect("a listening line");
-    let proxy = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("proxy=http://"))
-        .unwrap_or_else(|| panic!("{line}"))
-        .parse()
-        .unwrap();
-    let admin = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("admin=http://"))
-        .map(|a| a.parse().unwrap());
+    let line = common::listening_line(&mut child).await;
+    let proxy = common::listening(&line, "proxy").unwrap_or_else(|| panic!("{line}"));
+    let admin = common::listening(&line, "admin");
     let (tx, logs) = mpsc::unbounded_channel();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     tokio::spawn(async move {

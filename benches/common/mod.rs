@@ -150,6 +150,16 @@ pub async fn herd(client: &HttpClient, url: &str, clients: usize) -> (f64, f64) 
     (lat.ms(0.5), lat.ms(0.99))
 }
 
+/// The gateway binary: `PGW_BIN`, else this checkout's release build.
+pub fn gateway_binary() -> std::path::PathBuf {
+    std::env::var("PGW_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("target/release/progress-gateway")
+        })
+}
+
 /// The simulator on port 0, requiring `token` when given.
 pub async fn start_simulator(latency: Duration, token: Option<&str>) -> (Simulator, SocketAddr) {
     let sim = Simulator::new(

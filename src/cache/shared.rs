@@ -653,29 +653,7 @@ impl Shared {
                 return Claim::Local(None);
             };
             match reply {
-                Reply::Answer(stored) => return Claim::Answer(stored),
-                Reply::Paused {
-                    cause,
-                    remaining,
-                    standby,
-                } => {
-                    return Claim::Paused {
-                        cause,
-                        remaining,
-                        standby,
-                    }
-                }
-                Reply::Failed {
-                    answer,
-                    remaining,
-                    standby,
-                } => {
-                    return Claim::Failed {
-                        answer,
-                        remaining,
-                        standby,
-                    }
-                }
+                Reply::Settled(claim) => return claim,
                 Reply::Lead => {
                     if waited {
                         // The holder ended without landing: its lock expired.
@@ -878,18 +856,11 @@ impl Drop for Forget<'_> {
 
 /// [`CLAIM`]'s reply, decoded; None if it makes no sense (then act alone).
 enum Reply {
-    Answer(Stored),
-    Paused {
-        cause: Cause,
-        remaining: Duration,
-        standby: Option<Stored>,
-    },
-    Failed {
-        answer: Option<Stored>,
-        remaining: Duration,
-        standby: Option<Stored>,
-    },
+    /// An answer, a pause or a failure: what the claim comes to.
+    Settled(Claim),
+    /// The lock is this replica's.
     Lead,
+    /// Another replica holds the lock for this long.
     Wait(Duration),
 }
 
@@ -917,19 +888,19 @@ impl Reply {
         let standby = |i: usize| answer(int(i)?, bytes(i + 1).filter(|d| !d.is_empty())?);
         let remaining = |i: usize| Duration::from_millis(int(i).unwrap_or(0).max(0) as u64);
         Some(match bytes(0)? {
-            b"answer" => Reply::Answer(answer(int(1)?, bytes(2)?)?),
-            b"paused" => Reply::Paused {
+            b"answer" => Reply::Settled(Claim::Answer(answer(int(1)?, bytes(2)?)?)),
+            b"paused" => Reply::Settled(Claim::Paused {
                 remaining: remaining(1),
                 cause: cause_named(std::str::from_utf8(bytes(2)?).ok()?)?,
                 standby: standby(3),
-            },
-            b"failed" => Reply::Failed {
+            }),
+            b"failed" => Reply::Settled(Claim::Failed {
                 remaining: remaining(1),
                 answer: bytes(2)
                     .filter(|d| !d.is_empty())
                     .and_then(|d| Stored::decode(d, now)),
                 standby: standby(3),
-            },
+            }),
             b"lead" => Reply::Lead,
             b"wait" => Reply::Wait(remaining(1)),
             _ => return None,
@@ -1020,13 +991,13 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(60);
         let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
         let answer = Reply::parse(&[bulk(b"answer"), Value::Int(1500), bulk(&encoded())], now);
-        let Some(Reply::Answer(stored)) = answer else {
+        let Some(Reply::Settled(Claim::Answer(stored))) = answer else {
             panic!("an answer")
         };
         assert_eq!(now - stored.stored_at, Duration::from_millis(1500));
         // A refresh landed ahead: its window starts later.
         let ahead = Reply::parse(&[bulk(b"answer"), Value::Int(-200), bulk(&encoded())], now);
-        let Some(Reply::Answer(stored)) = ahead else {
+        let Some(Reply::Settled(Claim::Answer(stored))) = ahead else {
             panic!("an answer")
         };
         assert_eq!(stored.stored_at - now, Duration::from_millis(200));
@@ -1037,11 +1008,11 @@ mod tests {
             Value::Int(0),
             bulk(b""),
         ];
-        let Some(Reply::Paused {
+        let Some(Reply::Settled(Claim::Paused {
             cause,
             remaining,
             standby,
-        }) = Reply::parse(&paused, now)
+        })) = Reply::parse(&paused, now)
         else {
             panic!("a pause")
         };

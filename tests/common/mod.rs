@@ -292,6 +292,26 @@ impl Harness {
     }
 }
 
+/// The first line a started `serve` prints: where it listens.
+pub async fn listening_line(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the gateway starts")
+        .unwrap()
+        .expect("a listening line")
+}
+
+/// The address `serve`'s listening line gives for `listener` (`proxy`, `admin`).
+pub fn listening(line: &str, listener: &str) -> Option<SocketAddr> {
+    let prefix = format!("{listener}=http://");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .map(|addr| addr.parse().unwrap())
+}
+
 /// Asserts a gateway error answer: status, Huawei-shaped body, X-Request-Id.
 pub fn assert_gateway_error(reply: &Reply, status: u16, code: &str) {
     assert_eq!(reply.status.as_u16(), status, "{:?}", reply.body);
