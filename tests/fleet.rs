@@ -137,9 +137,20 @@ fn other_sections(sections: &str) -> &str {
 }
 
 async fn get(client: &Client<HttpConnector, Empty<Bytes>>, addr: SocketAddr, path: &str) -> Reply {
-    let request = Request::get(format!("http://{addr}{path}"))
-        .body(Empty::new())
-        .unwrap();
+    get_with(client, addr, path, &[]).await
+}
+
+async fn get_with(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut request = Request::get(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Empty::new()).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
         .await
         .expect("answered within 30 s")
@@ -683,5 +694,57 @@ async fn nothing_secret_reaches_redis_whose_password_comes_from_a_file() {
         "the answer is in Redis: {stored:?}"
     );
     assert_nothing_secret(&stored, PASSWORD);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_on_one_replica_is_woken_by_refreshes_the_fleet_shares() {
+    let behaviour = Behaviour {
+        job_duration: Duration::from_secs(60),
+        ..running(20)
+    };
+    let fleet = Fleet::replicas(2, behaviour, "\n[cache]\nrunning_ttl = \"1s\"").await;
+    let path = roma_path("fleet-watched");
+    let seconds = 5;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    // Replica 0 is polled; replica 1 only watched, by a client long-polling
+    // with the last ETag it saw. Both keep the job warm, through one lock.
+    let polled = async {
+        while Instant::now() < until {
+            assert_eq!(fleet.get(0, &path).await.status, 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let watched = async {
+        let mut etag = fleet.get(1, &path).await.header("etag").to_string();
+        let mut changes = 0;
+        while Instant::now() < until {
+            let proxy = fleet.replicas[1].proxy;
+            let headers = [("if-none-match", etag.as_str()), ("prefer", "wait=3")];
+            let reply = get_with(&fleet.client, proxy, &path, &headers).await;
+            if reply.status == 200 {
+                assert_ne!(reply.header("etag"), etag);
+                etag = reply.header("etag").to_string();
+                changes += 1;
+            } else {
+                assert_eq!(reply.status, 304);
+            }
+        }
+        changes
+    };
+    let ((), changes) = tokio::join!(polled, watched);
+    assert!(
+        changes >= 3,
+        "the watcher saw {changes} changes in {seconds} s"
+    );
+    // One fetch per window for the fleet, however the two replicas share it.
+    let upstream = fleet.sim.requests(&path);
+    assert!(
+        upstream <= seconds + 2,
+        "{upstream} upstream requests in {seconds} s at TTL 1 s"
+    );
+    let shared = fleet.metric(0, "pgw_shared_hits_total").await
+        + fleet.metric(1, "pgw_shared_hits_total").await;
+    assert!(shared >= 3.0, "refreshes taken from the fleet: {shared}");
     fleet.stop().await;
 }
