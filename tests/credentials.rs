@@ -212,10 +212,12 @@ async fn iam_tokens_are_refreshed_before_expiry_without_a_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_requests_at_expiry_cause_one_iam_call() {
-    let h = Arc::new(start_iam(Duration::from_millis(500), "0s", Behaviour::default()).await);
+    // Tokens live 2 s: long enough that the hundred requests after the
+    // first expiry finish before the second, even on a loaded machine.
+    let h = Arc::new(start_iam(Duration::from_secs(2), "0s", Behaviour::default()).await);
     assert_eq!(h.get(&drs_path("warm")).await.status, 200);
     assert_eq!(h.sim.iam_calls(), 1);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let tasks: Vec<_> = (0..100)
         .map(|i| {
             let h = h.clone();
