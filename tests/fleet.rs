@@ -748,3 +748,42 @@ async fn a_watcher_on_one_replica_is_woken_by_refreshes_the_fleet_shares() {
     assert!(shared >= 3.0, "refreshes taken from the fleet: {shared}");
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_shares_over_tls_to_a_redis_whose_ca_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key, ca) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    // The server's certificate is its own CA, as a private CA would be.
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let redis = RedisServer::start_tls(cert, key);
+    let mut fleet = Fleet::with_redis(running(0), redis).await;
+    let sections = format!("ca_file = \"{}\"", ca.display());
+    let (a, b) = (fleet.add(&sections).await, fleet.add(&sections).await);
+    let path = roma_path("fleet-tls");
+    assert_eq!(fleet.get(a, &path).await.header("x-cache"), "MISS");
+    assert_eq!(fleet.get(b, &path).await.header("x-cache"), "SHARED");
+    assert_eq!(fleet.sim.requests(&path), 1);
+
+    // Without the CA the certificate is not trusted: the replica acts alone.
+    let url = fleet.redis.url();
+    let c = fleet.add_on(&url, "").await;
+    let other = roma_path("fleet-tls-untrusted");
+    assert_eq!(fleet.get(c, &other).await.header("x-cache"), "MISS");
+    assert_eq!(
+        fleet.get(a, &other).await.header("x-cache"),
+        "MISS",
+        "nothing shared by C"
+    );
+    assert_ne!(
+        fleet.admin(c, "/readyz").await.json()["shared"]["state"],
+        "up"
+    );
+    fleet.stop().await;
+}

@@ -62,6 +62,10 @@ pub struct SharedConfig {
     /// Where the password is read from (never the URL).
     pub password_env: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// With `rediss://`: the CA certificate(s) (PEM) the server's certificate
+    /// must chain to, as Huawei DCS offers for download; else the system's
+    /// and the Mozilla roots.
+    pub ca_file: Option<PathBuf>,
     /// Prefixes every key and the channel, so fleets can share one Redis.
     pub key_prefix: String,
     /// Deadline of every Redis call; past it the replica acts alone.
@@ -91,6 +95,7 @@ impl Default for SharedConfig {
             redis_url: String::new(),
             password_env: None,
             password_file: None,
+            ca_file: None,
             key_prefix: "pgw:".into(),
             call_timeout: Duration::from_millis(50),
             lock_ttl: None,
@@ -117,6 +122,9 @@ impl SharedConfig {
             .map_err(|_| "is not a redis:// or rediss:// URL")?;
         if info.redis_settings().password().is_some() {
             return Err("must not hold a password: use password_env or password_file");
+        }
+        if self.ca_file.is_some() && !self.redis_url.starts_with("rediss:") {
+            return Err("must be rediss:// when ca_file is set");
         }
         Ok(())
     }
@@ -150,6 +158,8 @@ pub enum SharedError {
     Url(#[source] redis::RedisError),
     #[error("the Redis password could not be read")]
     Password(#[source] crate::credentials::CredentialError),
+    #[error("shared.ca_file {} cannot be read", .0.display())]
+    CaFile(PathBuf, #[source] std::io::Error),
 }
 
 /// What the fleet says about a key this replica would fetch.
@@ -442,7 +452,19 @@ impl Shared {
             // rustls needs a process-wide provider; the gateway uses ring.
             let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(info).map_err(SharedError::Url)?;
+        let client = match &config.ca_file {
+            Some(path) => {
+                let root_cert =
+                    std::fs::read(path).map_err(|e| SharedError::CaFile(path.clone(), e))?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(info, certificates)
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(SharedError::Url)?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
@@ -1086,5 +1108,11 @@ mod tests {
         assert!(refused.contains("password_env"), "{refused}");
         assert!(!refused.contains("hunter2"));
         assert!(check("http://10.0.0.5").is_err());
+        let plain_with_ca = SharedConfig {
+            redis_url: "redis://10.0.0.5:6379/0".into(),
+            ca_file: Some("/etc/ca.pem".into()),
+            ..SharedConfig::default()
+        };
+        assert!(plain_with_ca.check_url().unwrap_err().contains("rediss"));
     }
 }

@@ -1,7 +1,9 @@
 //! A real `redis-server` on a free loopback port, in a temporary directory,
 //! stopped when dropped. Shared by the fleet tests and the fleet bench.
+#![allow(dead_code)] // each user uses a different part
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Extra `redis-server` arguments (`--requirepass ...`).
     args: Vec<String>,
+    /// Serves TLS only, with this certificate and key (PEM files).
+    tls: Option<(PathBuf, PathBuf)>,
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -20,6 +24,15 @@ impl RedisServer {
     }
 
     pub fn start_with(args: &[&str]) -> RedisServer {
+        RedisServer::start_as(args, None)
+    }
+
+    /// A server that speaks only TLS, with `cert` and `key`.
+    pub fn start_tls(cert: PathBuf, key: PathBuf) -> RedisServer {
+        RedisServer::start_as(&[], Some((cert, key)))
+    }
+
+    fn start_as(args: &[&str], tls: Option<(PathBuf, PathBuf)>) -> RedisServer {
         // A port the kernel just gave out is free unless another process
         // takes it in between: then try another.
         for _ in 0..5 {
@@ -31,6 +44,7 @@ impl RedisServer {
             let mut server = RedisServer {
                 child: None,
                 args: args.iter().map(|a| a.to_string()).collect(),
+                tls: tls.clone(),
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -42,7 +56,12 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://{}/0", self.addr)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}/0", self.addr)
     }
 
     /// Kills it at once, as a crash would (SIGKILL).
@@ -61,13 +80,25 @@ impl RedisServer {
 
     /// Starts the process; true once it accepts connections.
     fn spawn(&mut self) -> bool {
+        let port = self.addr.port().to_string();
+        let listen = match &self.tls {
+            None => vec!["--port".into(), port],
+            Some((cert, key)) => vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port,
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+        };
         let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.addr.port().to_string(),
-            ])
+            .args(["--bind", "127.0.0.1"])
+            .args(&listen)
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
