@@ -647,7 +647,8 @@ impl Shared {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let notify = self.waiting.lock().entry(key).or_default().clone();
         let _forget = Forget(self, key);
-        let mut waited = false;
+        // Whether this replica waited, and whether the holder said it was done.
+        let (mut waited, mut landed) = (false, false);
         loop {
             // Enabled before asking, so a message landing in between counts.
             let woken = notify.notified();
@@ -677,8 +678,8 @@ impl Shared {
             match reply {
                 Reply::Settled(claim) => return claim,
                 Reply::Lead => {
-                    if waited {
-                        // The holder ended without landing: its lock expired.
+                    if waited && !landed {
+                        // The holder vanished without landing: its lock expired.
                         self.metrics.shared_takeovers.inc();
                     }
                     return Claim::Lead(Lock { key, token });
@@ -697,10 +698,10 @@ impl Shared {
                         .recheck
                         .min(deadline - now)
                         .min(lock_left + Duration::from_millis(1));
-                    tokio::select! {
-                        _ = woken => {}
-                        _ = tokio::time::sleep(pause) => {}
-                    }
+                    landed = tokio::select! {
+                        _ = woken => true,
+                        _ = tokio::time::sleep(pause) => false,
+                    };
                 }
             }
         }
