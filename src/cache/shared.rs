@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Cause;
 use super::key::CacheKey;
 use super::stored::Stored;
-use crate::credentials::{Origin, SecretSource};
+use crate::credentials::{Origin, Secret, SecretSource};
 use crate::metrics::Metrics;
 use crate::route::Api;
 
@@ -402,6 +402,9 @@ pub struct Shared {
     budget: Script,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    /// Held, not read: while it lives, the redactor scrubs it from every
+    /// log line and answer (it only knows secrets that are alive).
+    _password: Option<Secret>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -437,11 +440,15 @@ impl Shared {
             (None, Some(path)) => Some(Origin::File(path.clone())),
             (None, None) => None,
         };
-        if let Some(origin) = origin {
-            // A Secret: every log line and answer is scrubbed of it.
-            let password = SecretSource::new(origin)
-                .current()
-                .map_err(SharedError::Password)?;
+        let password = match origin {
+            Some(origin) => Some(
+                SecretSource::new(origin)
+                    .current()
+                    .map_err(SharedError::Password)?,
+            ),
+            None => None,
+        };
+        if let Some(password) = &password {
             let settings = info
                 .redis_settings()
                 .clone()
@@ -497,6 +504,7 @@ impl Shared {
             budget: Script::new(BUDGET),
             metrics,
             stop: CancellationToken::new(),
+            _password: password,
         })
     }
 
@@ -1092,6 +1100,22 @@ mod tests {
         ] {
             assert_eq!(shared.heard(junk), None);
         }
+    }
+
+    #[tokio::test]
+    async fn the_redis_password_is_scrubbed_from_text_while_the_tier_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis-password");
+        std::fs::write(&file, "redis-pass-5d0c8e1f\n").unwrap();
+        let config = SharedConfig {
+            redis_url: "redis://127.0.0.1:9/0".into(),
+            password_file: Some(file),
+            ..SharedConfig::default()
+        };
+        let shared = Shared::new(&config, Duration::from_secs(10), Arc::default()).unwrap();
+        let line = "WRONGPASS for redis-pass-5d0c8e1f";
+        assert!(!crate::credentials::redact(line).contains("redis-pass-5d0c8e1f"));
+        drop(shared);
     }
 
     #[test]
