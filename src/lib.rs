@@ -38,6 +38,7 @@ pub mod credentials;
 pub mod dashboard;
 pub mod error;
 pub mod fetch;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

@@ -11,6 +11,7 @@ use progress_gateway::app::{self, Overrides};
 use progress_gateway::config::Config;
 use progress_gateway::credentials::{redact, Redacting};
 use progress_gateway::error::chain;
+use progress_gateway::logging::Lines;
 use progress_gateway::metrics::LogDrops;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::field::MakeExt;
@@ -169,6 +170,7 @@ fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
     match format {
         // Plain `name=value` fields: the default field formatter styles
         // every name even when colours are off, which costs on every line.
+        // Access lines, one per request, are written by hand (same bytes).
         LogFormat::Text if !ansi => builder
             .fmt_fields(
                 tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
@@ -176,6 +178,7 @@ fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
                 })
                 .delimited(" "),
             )
+            .event_format(Lines::new(tracing_subscriber::fmt::format()))
             .init(),
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
