@@ -53,85 +53,89 @@ where
         if meta.target() != ACCESS || writer.has_ansi_escapes() || ctx.event_scope().is_some() {
             return self.inner.format_event(ctx, writer, event);
         }
-        write_timestamp(&mut writer, SystemTime::now())?;
-        // The level right-aligned in five columns, as tracing pads it.
-        let level = meta.level().as_str();
-        for _ in level.len()..5 {
-            writer.write_char(' ')?;
+        thread_local! {
+            /// The line is put together here and handed on in one call:
+            /// `Writer` costs a dynamic call per piece.
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
         }
-        writer.write_char(' ')?;
-        writer.write_str(level)?;
-        writer.write_char(' ')?;
-        writer.write_str(meta.target())?;
-        writer.write_str(": ")?;
-        let mut fields = Fields {
-            writer: &mut writer,
-            first: true,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_char('\n')
+        LINE.with(|line| {
+            // Taken already if a field's `Debug` logged: that line goes the slow way.
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return self.inner.format_event(ctx, writer, event);
+            };
+            let line = &mut *line;
+            line.clear();
+            write_timestamp(line, SystemTime::now());
+            // The level right-aligned in five columns, as tracing pads it.
+            let level = meta.level().as_str();
+            line.push_str(&"      "[..6 - level.len()]);
+            line.push_str(level);
+            line.push(' ');
+            line.push_str(meta.target());
+            line.push_str(": ");
+            let mut fields = Fields { line, first: true };
+            event.record(&mut fields);
+            line.push('\n');
+            writer.write_str(line)
+        })
     }
 }
 
 /// Writes `name=value` pairs as `{name}={value:?}`, space-delimited.
-struct Fields<'a, 'w> {
-    writer: &'a mut Writer<'w>,
+struct Fields<'a> {
+    line: &'a mut String,
     first: bool,
-    result: fmt::Result,
 }
 
-impl Fields<'_, '_> {
-    fn name(&mut self, field: &Field) -> fmt::Result {
+impl Fields<'_> {
+    fn name(&mut self, field: &Field) -> &mut String {
         if !std::mem::take(&mut self.first) {
-            self.writer.write_char(' ')?;
+            self.line.push(' ');
         }
-        self.writer.write_str(field.name())?;
-        self.writer.write_char('=')
-    }
-
-    fn record(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_ok() {
-            self.result = self.name(field).and_then(|()| value(self.writer));
-        }
+        self.line.push_str(field.name());
+        self.line.push('=');
+        self.line
     }
 }
 
-impl Visit for Fields<'_, '_> {
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.record(field, |w| {
-            // `Debug` for str quotes it and escapes only these; anything else
-            // goes through `Debug` itself.
-            if value.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
-                w.write_char('"')?;
-                w.write_str(value)?;
-                w.write_char('"')
-            } else {
-                write!(w, "{value:?}")
-            }
-        });
+        let line = self.name(field);
+        // `Debug` for str quotes it and escapes only these; anything else
+        // goes through `Debug` itself.
+        if value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            line.push('"');
+            line.push_str(value);
+            line.push('"');
+        } else {
+            let _ = write!(line, "{value:?}");
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.record(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.name(field).push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.record(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.name(field).push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.record(field, |w| w.write_str(if value { "true" } else { "false" }));
+        self.name(field)
+            .push_str(if value { "true" } else { "false" });
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.record(field, |w| write!(w, "{value:?}"));
+        // Writing to a String cannot fail.
+        let _ = write!(self.name(field), "{value:?}");
     }
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC, as tracing's `SystemTime` writes it.
-fn write_timestamp(writer: &mut impl fmt::Write, now: SystemTime) -> fmt::Result {
+fn write_timestamp(line: &mut String, now: SystemTime) {
     thread_local! {
         /// The second last written and its text up to the dot: lines come
         /// many per second, the date changes once a day.
@@ -145,24 +149,25 @@ fn write_timestamp(writer: &mut impl fmt::Write, now: SystemTime) -> fmt::Result
             text.clear();
             let (days, rest) = (secs / 86_400, secs % 86_400);
             let (year, month, day) = civil_from_days(days as i64);
-            write!(
+            // Writing to a String cannot fail.
+            let _ = write!(
                 text,
                 "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.",
                 rest / 3600,
                 rest / 60 % 60,
                 rest % 60
-            )?;
+            );
         }
-        writer.write_str(text)
-    })?;
+        line.push_str(text);
+    });
     let mut micros = since.subsec_micros();
     let mut digits = [b'0'; 6];
     for digit in digits.iter_mut().rev() {
         *digit = b'0' + (micros % 10) as u8;
         micros /= 10;
     }
-    writer.write_str(std::str::from_utf8(&digits).expect("digits"))?;
-    writer.write_char('Z')
+    line.push_str(std::str::from_utf8(&digits).expect("digits"));
+    line.push('Z');
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard
@@ -190,7 +195,7 @@ mod tests {
     fn stamp(secs: u64, micros: u32) -> String {
         let mut text = String::new();
         let at = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.into());
-        write_timestamp(&mut text, at).unwrap();
+        write_timestamp(&mut text, at);
         text
     }
 
@@ -250,7 +255,10 @@ mod tests {
         text.lines()
             .map(|line| {
                 let (stamp, rest) = line.split_at(27);
-                assert!(stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.', "{line}");
+                assert!(
+                    stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.',
+                    "{line}"
+                );
                 rest.to_string()
             })
             .collect()

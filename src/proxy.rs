@@ -260,11 +260,13 @@ impl Gateway {
         let language = language(request.headers())?;
         let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
         // Fair use: by consumer key where keys are configured, else by address.
-        let address = client_ip(request).map(|ip| ip.to_string());
-        let (consumer, consumer_label) = match trace.consumer {
-            Some(name) => (name, name),
-            None => (address.as_deref().unwrap_or("-"), "by-address"),
-        };
+        let (named, address) = (trace.consumer, client_ip(request));
+        let (consumer, consumer_label): (&(dyn std::fmt::Display + Sync), _) =
+            match (&named, &address) {
+                (Some(name), _) => (name, *name),
+                (None, Some(ip)) => (ip, "by-address"),
+                (None, None) => (&"-", "by-address"),
+            };
         let scope = Scope {
             api: route.api,
             project: route.project,
@@ -579,7 +581,7 @@ fn etag_matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {
 /// A client's `X-Request-Id` when it is sane, else a fresh one in Huawei's style.
 fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|id| {
             (1..=64).contains(&id.len())
@@ -598,10 +600,15 @@ pub fn new_request_id() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&prefix.to_be_bytes());
-    id[8..].copy_from_slice(&count.to_be_bytes());
-    hex::encode(id)
+    // By hand: `hex::encode` collects through a char iterator, which shows
+    // in profiles of the hit path.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let nibbles = (u128::from(prefix) << 64) | u128::from(count);
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = DIGITS[(nibbles >> (124 - 4 * i) & 0xf) as usize];
+    }
+    String::from_utf8(id.to_vec()).expect("hex digits")
 }
 
 /// `X-Language`, normalised (`zh_CN` → `zh-cn`); it is part of the cache key.
@@ -654,6 +661,8 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(a[..16], b[..16], "one prefix per process");
+        let count = |id: &str| u64::from_str_radix(&id[16..], 16).unwrap();
+        assert!(count(&b) > count(&a), "{a} then {b}: a counter");
     }
 
     #[test]

@@ -89,12 +89,13 @@ impl Answer {
 }
 
 /// Who asks, for the backoffs and the budgets.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Scope<'a> {
     pub api: Api,
     pub project: &'a str,
-    /// The consumer's name where keys are configured, else its address.
-    pub consumer: &'a str,
+    /// The consumer's name where keys are configured, else its address:
+    /// formatted only when a fetch needs it, never on a hit.
+    pub consumer: &'a (dyn std::fmt::Display + Sync),
     /// The label `consumer` goes by in metrics (bounded: names, or `by-address`).
     pub consumer_label: &'a str,
 }
@@ -391,7 +392,9 @@ impl Cache {
     ) -> Result<Answer, Arc<GatewayError>> {
         let inner = &self.inner;
         let Scope { api, project, .. } = scope;
-        let deadline = Instant::now() + inner.policy.load().wait_timeout;
+        // One clock read for a hit: the first turn's `now` is the start.
+        let mut start = Some(Instant::now());
+        let deadline = start.expect("set") + inner.policy.load().wait_timeout;
         let mut holds = 0;
         // Built once, on the first fetch, however often the loop comes round.
         let (mut request, mut built) = (Some(request), None);
@@ -402,7 +405,7 @@ impl Cache {
         };
         loop {
             let policy = inner.policy.load();
-            let now = Instant::now();
+            let now = start.take().unwrap_or_else(Instant::now);
             let stored = inner.store.get(&key);
             let standing = stored
                 .as_ref()
@@ -1179,7 +1182,7 @@ mod tests {
     const SCOPE: Scope = Scope {
         api: Api::Roma,
         project: "p",
-        consumer: "127.0.0.1",
+        consumer: &"127.0.0.1",
         consumer_label: "by-address",
     };
 
@@ -1450,7 +1453,7 @@ mod tests {
         });
         up.then(Ok(response(200, RUNNING)));
         let greedy = Scope {
-            consumer: "10.0.0.1",
+            consumer: &"10.0.0.1",
             ..SCOPE
         };
         for job in ["a", "b"] {
@@ -1464,7 +1467,7 @@ mod tests {
         // Hits stay free, and other consumers are untouched.
         cache.get(key("a"), greedy, fetch_request).await.unwrap();
         let polite = Scope {
-            consumer: "10.0.0.2",
+            consumer: &"10.0.0.2",
             ..SCOPE
         };
         assert_eq!(
