@@ -291,7 +291,7 @@ fn main() {
                     Scope {
                         api: Api::Roma,
                         project: PROJECT,
-                        consumer: "bench",
+                        consumer: &"bench",
                         consumer_label: "bench",
                     },
                     request,
