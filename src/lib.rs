@@ -21,7 +21,8 @@
 //!
 //! Beside it: [`config`] (the file, checked into plain data), [`consumers`]
 //! (who may use the gateway), [`error`] (every gateway error mapped to a
-//! status and a Huawei-shaped body), [`admin`], [`dashboard`] (the operator's
+//! status and a Huawei-shaped body), [`logging`] (how log lines, the access
+//! line above all, are written), [`admin`], [`dashboard`] (the operator's
 //! page) and [`metrics`] (the operator's view), [`signal`] (SIGHUP, SIGTERM,
 //! SIGINT) and, behind the `tools` feature, `tools` (the upstream simulator
 //! and the demo).
