@@ -1,136 +1,145 @@
-//! How log lines are written: tracing's plain-text format, with the access
-//! line (one per request, so the hottest code in the gateway after the
-//! socket) formatted by hand.
+//! The access line: one per request, so the hottest code in the gateway
+//! after the socket.
 //!
-//! tracing-subscriber's formatter goes through `fmt::write` for every field,
-//! pads the level, and computes the calendar date on every line: about a
-//! microsecond per access line, a fifth of a cache hit. [`Lines`] writes the
-//! same bytes directly (the timestamp's date part is reused within a second,
-//! numbers go through `itoa`) and leaves every other line to tracing.
+//! Through tracing-subscriber's formatter a line costs about a microsecond,
+//! a fifth of a cache hit: every field goes through `fmt::write`, the level
+//! is padded and the calendar date computed on every line, and the line is
+//! built twice over before it reaches the writer. [`Access::log`] writes the
+//! same bytes (tracing's plain text, `name=value` with values as `Debug`
+//! prints them) straight to the log writer once the binary has handed it over
+//! with [`write_access_lines_to`]; the date part of the timestamp is reused
+//! within a second and numbers go through `itoa`. Until then, and for JSON
+//! lines or a terminal, the line is an ordinary tracing event.
+//! `RUST_LOG` decides either way.
 
 use std::cell::RefCell;
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::registry::LookupSpan;
+use http::Method;
+use tracing_appender::non_blocking::NonBlocking;
+
+use crate::credentials::redact;
 
 /// The target of the per-request access line.
 pub const ACCESS: &str = "progress_gateway::access";
 
-/// A plain-text event format: `inner` for every line but access lines
-/// outside any span, which it writes as `inner` would.
-///
-/// `inner` must be tracing-subscriber's default `Format` (full, system time,
-/// no ANSI) with `name=value` fields (`value` in `Debug`) delimited by a
-/// space: the unit tests compare both byte for byte.
-pub struct Lines<F> {
-    inner: F,
+/// Where access lines go when written directly: set once, by the binary.
+static WRITER: OnceLock<NonBlocking> = OnceLock::new();
+
+/// From now on, access lines are formatted here and handed to `writer`, the
+/// one tracing's other lines go to, rather than going through tracing's
+/// formatter. Only for tracing's default plain-text format without colours.
+pub fn write_access_lines_to(writer: NonBlocking) {
+    // A second call (there is none in the binary) keeps the first writer.
+    let _ = WRITER.set(writer);
 }
 
-impl<F> Lines<F> {
-    pub fn new(inner: F) -> Self {
-        Lines { inner }
-    }
+/// One request's access line.
+pub struct Access<'a> {
+    pub method: &'a Method,
+    pub route: &'a str,
+    pub project: &'a str,
+    pub consumer: &'a str,
+    pub status: u16,
+    pub cache: &'a str,
+    pub stale: &'a str,
+    pub error: &'a str,
+    pub latency_us: u64,
+    pub request_id: &'a str,
 }
 
-impl<S, N, F> FormatEvent<S, N> for Lines<F>
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-    F: FormatEvent<S, N>,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        if meta.target() != ACCESS || writer.has_ansi_escapes() || ctx.event_scope().is_some() {
-            return self.inner.format_event(ctx, writer, event);
+impl Access<'_> {
+    /// Writes the line, if `RUST_LOG` lets `progress_gateway::access` log at
+    /// `info`.
+    pub fn log(&self) {
+        if !tracing::enabled!(target: ACCESS, tracing::Level::INFO) {
+            return;
         }
+        let Some(writer) = WRITER.get() else {
+            return self.event();
+        };
         thread_local! {
-            /// The line is put together here and handed on in one call:
-            /// `Writer` costs a dynamic call per piece.
-            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+            /// The line is put together here, and sent through this thread's
+            /// own clone of the writer's channel.
+            static LINE: RefCell<(String, Option<NonBlocking>)> = const { RefCell::new((String::new(), None)) };
         }
-        LINE.with(|line| {
-            // Taken already if a field's `Debug` logged: that line goes the slow way.
-            let Ok(mut line) = line.try_borrow_mut() else {
-                return self.inner.format_event(ctx, writer, event);
-            };
-            let line = &mut *line;
+        LINE.with_borrow_mut(|(line, sender)| {
             line.clear();
-            write_timestamp(line, SystemTime::now());
-            // The level right-aligned in five columns, as tracing pads it.
-            let level = meta.level().as_str();
-            line.push_str(&"      "[..6 - level.len()]);
-            line.push_str(level);
-            line.push(' ');
-            line.push_str(meta.target());
-            line.push_str(": ");
-            let mut fields = Fields { line, first: true };
-            event.record(&mut fields);
-            line.push('\n');
-            writer.write_str(line)
-        })
+            self.format(line, SystemTime::now());
+            // Scrubbed like every other line: a client may send anything as
+            // its request id, a gateway secret included.
+            let line = redact(line);
+            let sender = sender.get_or_insert_with(|| writer.clone());
+            // A full channel drops the line and counts it (`lossy`).
+            let _ = sender.write_all(line.as_bytes());
+        });
     }
-}
 
-/// Writes `name=value` pairs as `{name}={value:?}`, space-delimited.
-struct Fields<'a> {
-    line: &'a mut String,
-    first: bool,
-}
+    /// The line as a tracing event, which the subscriber formats.
+    fn event(&self) {
+        tracing::info!(
+            target: ACCESS,
+            method = %self.method,
+            route = self.route,
+            project = self.project,
+            consumer = self.consumer,
+            status = self.status,
+            cache = self.cache,
+            stale = self.stale,
+            error = self.error,
+            latency_us = self.latency_us,
+            request_id = %self.request_id,
+        );
+    }
 
-impl Fields<'_> {
-    fn name(&mut self, field: &Field) -> &mut String {
-        if !std::mem::take(&mut self.first) {
-            self.line.push(' ');
+    /// The bytes tracing's plain-text format writes for [`Self::event`].
+    fn format(&self, line: &mut String, now: SystemTime) {
+        write_timestamp(line, now);
+        line.push_str("  INFO progress_gateway::access: method=");
+        line.push_str(self.method.as_str());
+        for (name, value) in [
+            ("route", self.route),
+            ("project", self.project),
+            ("consumer", self.consumer),
+        ] {
+            quoted(line, name, value);
         }
-        self.line.push_str(field.name());
-        self.line.push('=');
-        self.line
+        line.push_str(" status=");
+        line.push_str(itoa::Buffer::new().format(self.status));
+        for (name, value) in [
+            ("cache", self.cache),
+            ("stale", self.stale),
+            ("error", self.error),
+        ] {
+            quoted(line, name, value);
+        }
+        line.push_str(" latency_us=");
+        line.push_str(itoa::Buffer::new().format(self.latency_us));
+        line.push_str(" request_id=");
+        line.push_str(self.request_id);
+        line.push('\n');
     }
 }
 
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        let line = self.name(field);
-        // `Debug` for str quotes it and escapes only these; anything else
-        // goes through `Debug` itself.
-        if value
-            .bytes()
-            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-        {
-            line.push('"');
-            line.push_str(value);
-            line.push('"');
-        } else {
-            let _ = write!(line, "{value:?}");
-        }
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.name(field).push_str(itoa::Buffer::new().format(value));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.name(field).push_str(itoa::Buffer::new().format(value));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.name(field)
-            .push_str(if value { "true" } else { "false" });
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+/// ` name="value"`, with `value` quoted and escaped as `Debug` does.
+fn quoted(line: &mut String, name: &str, value: &str) {
+    line.push(' ');
+    line.push_str(name);
+    line.push('=');
+    // `Debug` leaves printable ASCII but these two as it is.
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
+    } else {
         // Writing to a String cannot fail.
-        let _ = write!(self.name(field), "{value:?}");
+        let _ = write!(line, "{value:?}");
     }
 }
 
@@ -227,12 +236,12 @@ mod tests {
         }
     }
 
-    /// Runs `emit` under a subscriber set up as the binary sets it up, with
-    /// or without [`Lines`]; returns what it wrote, timestamps cut off.
-    fn lines(fast: bool, emit: impl Fn()) -> Vec<String> {
+    /// What tracing writes for `access`'s event, set up as the binary sets
+    /// it up for plain text.
+    fn through_tracing(access: &Access) -> String {
         let out = Captured::default();
         let writer = out.clone();
-        let builder = tracing_subscriber::fmt()
+        let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .fmt_fields(
@@ -240,56 +249,45 @@ mod tests {
                     write!(w, "{field}={value:?}")
                 })
                 .delimited(" "),
-            );
-        let subscriber: Box<dyn Subscriber + Send + Sync> = if fast {
-            Box::new(
-                builder
-                    .event_format(Lines::new(tracing_subscriber::fmt::format()))
-                    .finish(),
             )
-        } else {
-            Box::new(builder.finish())
-        };
-        tracing::subscriber::with_default(subscriber, emit);
+            .finish();
+        tracing::subscriber::with_default(subscriber, || access.event());
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .map(|line| {
-                let (stamp, rest) = line.split_at(27);
-                assert!(
-                    stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.',
-                    "{line}"
-                );
-                rest.to_string()
-            })
-            .collect()
+        text
     }
 
     #[test]
-    fn access_lines_are_written_as_tracing_writes_them() {
-        let emit = || {
-            let method = http::Method::GET;
-            tracing::info!(
-                target: ACCESS,
-                method = %method,
-                route = "roma",
-                project = "0123456789abcdef",
-                consumer = "a \"quoted\" \\ name\t",
-                status = 200u16,
-                cache = "HIT",
-                stale = "-",
-                error = "-",
-                latency_us = 1234u64,
-                negative = -5i64,
-                flag = true,
-                unicode = "zoë ☃",
-                request_id = %"abc-123",
-            );
-            tracing::info!(target: ACCESS, error = %"refused", "request refused by the HTTP layer");
-            tracing::warn!(request_id = %"x", "gateway error");
+    fn access_lines_are_the_bytes_tracing_writes() {
+        let plain = Access {
+            method: &Method::GET,
+            route: "roma",
+            project: "0123456789abcdef0123456789abcdef",
+            consumer: "-",
+            status: 200,
+            cache: "HIT",
+            stale: "-",
+            error: "-",
+            latency_us: 1234,
+            request_id: "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
         };
-        let (fast, reference) = (lines(true, emit), lines(false, emit));
-        assert_eq!(fast.len(), 3);
-        assert_eq!(fast, reference);
-        assert!(fast[0].starts_with("  INFO progress_gateway::access: method=GET route=\"roma\""));
+        // Values Debug escapes, or leaves alone but a lazy check would not.
+        let odd = Access {
+            method: &Method::HEAD,
+            project: "a \"quoted\" \\ name\t",
+            consumer: "zoë ☃ 'single'",
+            error: "back\\slash",
+            stale: "quote\"only",
+            status: 503,
+            latency_us: 0,
+            ..plain
+        };
+        for access in [plain, odd] {
+            let reference = through_tracing(&access);
+            let mut line = String::new();
+            access.format(&mut line, SystemTime::now());
+            // The timestamps differ by when each was taken.
+            assert_eq!(line[27..], reference[27..], "{line}{reference}");
+            assert_eq!(line.as_bytes()[26], b'Z', "{line}");
+        }
     }
 }

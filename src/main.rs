@@ -11,7 +11,7 @@ use progress_gateway::app::{self, Overrides};
 use progress_gateway::config::Config;
 use progress_gateway::credentials::{redact, Redacting};
 use progress_gateway::error::chain;
-use progress_gateway::logging::Lines;
+use progress_gateway::logging::write_access_lines_to;
 use progress_gateway::metrics::LogDrops;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::field::MakeExt;
@@ -166,20 +166,25 @@ fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(move || Redacting(writer.clone()));
+        .with_writer({
+            let writer = writer.clone();
+            move || Redacting(writer.clone())
+        });
     match format {
         // Plain `name=value` fields: the default field formatter styles
         // every name even when colours are off, which costs on every line.
-        // Access lines, one per request, are written by hand (same bytes).
-        LogFormat::Text if !ansi => builder
-            .fmt_fields(
-                tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-                    write!(w, "{field}={value:?}")
-                })
-                .delimited(" "),
-            )
-            .event_format(Lines::new(tracing_subscriber::fmt::format()))
-            .init(),
+        LogFormat::Text if !ansi => {
+            // Access lines, one per request, are written by hand (same bytes).
+            write_access_lines_to(writer.clone());
+            builder
+                .fmt_fields(
+                    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+                        write!(w, "{field}={value:?}")
+                    })
+                    .delimited(" "),
+                )
+                .init()
+        }
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }

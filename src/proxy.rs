@@ -22,6 +22,7 @@ use crate::consumers::Consumers;
 use crate::credentials::Credential;
 use crate::error::GatewayError;
 use crate::fetch::FetchRequest;
+use crate::logging::Access;
 use crate::metrics::Metrics;
 use crate::route::{self, Api, Route};
 use crate::server::ClientAddr;
@@ -220,19 +221,19 @@ impl Gateway {
         let cache = trace.cache.map_or("-", CacheStatus::as_str);
         self.metrics
             .request(route, response.status().as_u16(), cache);
-        tracing::info!(
-            target: "progress_gateway::access",
-            method = %request.method(),
+        Access {
+            method: request.method(),
             route,
-            project = trace.project.unwrap_or("-"),
-            consumer = trace.consumer.unwrap_or("-"),
-            status = response.status().as_u16(),
+            project: trace.project.unwrap_or("-"),
+            consumer: trace.consumer.unwrap_or("-"),
+            status: response.status().as_u16(),
             cache,
-            stale = trace.stale.map_or("-", StaleReason::as_str),
-            error = trace.error.unwrap_or("-"),
-            latency_us = started.elapsed().as_micros() as u64,
-            request_id = %request_id,
-        );
+            stale: trace.stale.map_or("-", StaleReason::as_str),
+            error: trace.error.unwrap_or("-"),
+            latency_us: started.elapsed().as_micros() as u64,
+            request_id: &request_id,
+        }
+        .log();
         response
     }
 

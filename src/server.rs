@@ -610,7 +610,7 @@ async fn connection<IO, S, B>(
                         .downcast_ref::<hyper::Error>()
                         .is_some_and(|e| e.is_parse() || e.is_parse_too_large());
                     if refused {
-                        tracing::info!(target: "progress_gateway::access", %error, "request refused by the HTTP layer");
+                        tracing::info!(target: crate::logging::ACCESS, %error, "request refused by the HTTP layer");
                     } else {
                         tracing::debug!(%error, "connection ended with an error");
                     }

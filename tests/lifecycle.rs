@@ -151,8 +151,13 @@ async fn exits_zero(gateway: &mut Process, within: Duration) {
 
 /// One HTTP/1.1 request on an open keep-alive connection: status, head, body.
 async fn raw_get(stream: &mut TcpStream, path: &str) -> (u16, String, String) {
+    raw_get_with(stream, path, "").await
+}
+
+/// [`raw_get`] with `headers` (each line ending in CRLF) in the request.
+async fn raw_get_with(stream: &mut TcpStream, path: &str, headers: &str) -> (u16, String, String) {
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: gw\r\n{headers}\r\n").as_bytes())
         .await
         .unwrap();
     let mut head = Vec::new();
@@ -212,6 +217,35 @@ async fn the_binary_counts_dropped_log_lines_in_its_metrics() {
     let (status, _, metrics) = raw_get(&mut stream, "/metrics").await;
     assert_eq!(status, 200);
     assert!(metrics.contains("pgw_log_lines_dropped 0"), "{metrics}");
+    gateway.signal("TERM");
+    exits_zero(&mut gateway, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_writes_an_access_line_per_request_with_secrets_scrubbed() {
+    let (_sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
+    std::fs::write(&path, config(sim_addr, dir.path(), "", &[PROJECT])).unwrap();
+    let mut gateway = spawn_gateway(&path).await;
+    let mut stream = TcpStream::connect(gateway.proxy).await.unwrap();
+    // A request id is the client's to choose, even the gateway's token.
+    for id in ["first-request", TOKEN] {
+        let header = format!("X-Request-Id: {id}\r\n");
+        let (status, _, _) = raw_get_with(&mut stream, &drs_path("logged"), &header).await;
+        assert_eq!(status, 200);
+    }
+    let mut lines = gateway.logs_until("request_id=first-request").await;
+    let first = lines.last().unwrap().clone();
+    let expected = format!(
+        " INFO progress_gateway::access: method=GET route=\"drs\" project=\"{PROJECT}\" \
+         consumer=\"-\" status=200 cache=\"MISS\" stale=\"-\" error=\"-\" latency_us="
+    );
+    assert!(first.contains(&expected), "{first}");
+    lines.extend(gateway.logs_until("request_id=<redacted>").await);
+    assert!(
+        lines.last().unwrap().contains("cache=\"HIT\""),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().all(|line| !line.contains(TOKEN)), "{lines:#?}");
     gateway.signal("TERM");
     exits_zero(&mut gateway, Duration::from_secs(20)).await;
 }
