@@ -410,15 +410,18 @@ impl Cache {
             let standing = stored
                 .as_ref()
                 .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
-            if let (Some(stored), Some(Freshness::Fresh { .. })) = (&stored, standing) {
-                if let (Some(activity), Class::Running) = (&stored.activity, stored.class) {
-                    // A load first: most hits find it set and write nothing.
-                    if !activity.polled.load(Ordering::Relaxed) {
-                        activity.polled.store(true, Ordering::Relaxed);
+            let stored = match (stored, standing) {
+                (Some(stored), Some(Freshness::Fresh { .. })) => {
+                    if let (Some(activity), Class::Running) = (&stored.activity, stored.class) {
+                        // A load first: most hits find it set and write nothing.
+                        if !activity.polled.load(Ordering::Relaxed) {
+                            activity.polled.store(true, Ordering::Relaxed);
+                        }
                     }
+                    return Ok(Answer::new(stored, CacheStatus::Hit));
                 }
-                return Ok(Answer::new(stored.clone(), CacheStatus::Hit));
-            }
+                (stored, _) => stored,
+            };
             // Everything below is past a hit: the maps sit behind locks.
             // An answer past freshness that may still stand in for upstream.
             let standby = match standing {
