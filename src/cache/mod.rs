@@ -392,9 +392,10 @@ impl Cache {
     ) -> Result<Answer, Arc<GatewayError>> {
         let inner = &self.inner;
         let Scope { api, project, .. } = scope;
+        let started = Instant::now();
+        let deadline = started + inner.policy.load().wait_timeout;
         // One clock read for a hit: the first turn's `now` is the start.
-        let mut start = Some(Instant::now());
-        let deadline = start.expect("set") + inner.policy.load().wait_timeout;
+        let mut start = Some(started);
         let mut holds = 0;
         // Built once, on the first fetch, however often the loop comes round.
         let (mut request, mut built) = (Some(request), None);
