@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Method;
 use tracing_appender::non_blocking::NonBlocking;
@@ -98,37 +98,36 @@ impl Access<'_> {
     /// The bytes tracing's plain-text format writes for [`Self::event`].
     fn format(&self, line: &mut String, now: SystemTime) {
         write_timestamp(line, now);
-        line.push_str("  INFO progress_gateway::access: method=");
-        line.push_str(self.method.as_str());
-        for (name, value) in [
-            ("route", self.route),
-            ("project", self.project),
-            ("consumer", self.consumer),
+        line.push_str("  INFO progress_gateway::access:");
+        let (mut status, mut latency) = (itoa::Buffer::new(), itoa::Buffer::new());
+        // (name, value, whether `Debug` quotes it): the fields of `event`.
+        for (name, value, quote) in [
+            ("method", self.method.as_str(), false),
+            ("route", self.route, true),
+            ("project", self.project, true),
+            ("consumer", self.consumer, true),
+            ("status", status.format(self.status), false),
+            ("cache", self.cache, true),
+            ("stale", self.stale, true),
+            ("error", self.error, true),
+            ("latency_us", latency.format(self.latency_us), false),
+            ("request_id", self.request_id, false),
         ] {
-            quoted(line, name, value);
+            line.push(' ');
+            line.push_str(name);
+            line.push('=');
+            if quote {
+                quoted(line, value);
+            } else {
+                line.push_str(value);
+            }
         }
-        line.push_str(" status=");
-        line.push_str(itoa::Buffer::new().format(self.status));
-        for (name, value) in [
-            ("cache", self.cache),
-            ("stale", self.stale),
-            ("error", self.error),
-        ] {
-            quoted(line, name, value);
-        }
-        line.push_str(" latency_us=");
-        line.push_str(itoa::Buffer::new().format(self.latency_us));
-        line.push_str(" request_id=");
-        line.push_str(self.request_id);
         line.push('\n');
     }
 }
 
-/// ` name="value"`, with `value` quoted and escaped as `Debug` does.
-fn quoted(line: &mut String, name: &str, value: &str) {
-    line.push(' ');
-    line.push_str(name);
-    line.push('=');
+/// `value` quoted and escaped as `Debug` does.
+fn quoted(line: &mut String, value: &str) {
     // `Debug` leaves printable ASCII but these two as it is.
     if value
         .bytes()
@@ -155,17 +154,11 @@ fn write_timestamp(line: &mut String, now: SystemTime) {
     SECOND.with_borrow_mut(|(second, text)| {
         if *second != secs {
             *second = secs;
-            text.clear();
-            let (days, rest) = (secs / 86_400, secs % 86_400);
-            let (year, month, day) = civil_from_days(days as i64);
-            // Writing to a String cannot fail.
-            let _ = write!(
-                text,
-                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.",
-                rest / 3600,
-                rest / 60 % 60,
-                rest % 60
-            );
+            // `YYYY-MM-DDTHH:MM:SSZ`, the `Z` turned into the dot.
+            *text = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
+                .to_string();
+            text.pop();
+            text.push('.');
         }
         line.push_str(text);
     });
@@ -179,26 +172,10 @@ fn write_timestamp(line: &mut String, now: SystemTime) {
     line.push('Z');
 }
 
-/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard
-/// Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
-    use std::time::Duration;
     use tracing_subscriber::field::MakeExt;
 
     fn stamp(secs: u64, micros: u32) -> String {
