@@ -17,8 +17,6 @@ mod redis_server;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -98,45 +96,21 @@ impl Bench {
     /// named after `tag`, 50 ms apart: upstream requests per job per
     /// window, failed requests, and latencies (first polls left out).
     async fn poll(&self, replicas: &[SocketAddr], tag: &str) -> (f64, u64, Latencies) {
-        let client = client(POLLERS);
-        let failed = Arc::new(AtomicU64::new(0));
         let paths: Vec<_> = (0..JOBS)
             .map(|j| format!("/v2/{PROJECT}/instances/i/assets/jobs/{tag}-{j}"))
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(self.seconds);
-        let pollers: Vec<_> = (0..POLLERS)
+        // Every job is polled through every replica.
+        let urls = (0..POLLERS)
             .map(|i| {
-                // Every job is polled through every replica.
                 let replica = replicas[(i / JOBS) % replicas.len()];
-                let url = format!("http://{replica}{}", paths[i % JOBS]);
-                let (client, failed) = (client.clone(), failed.clone());
-                tokio::spawn(async move {
-                    let mut samples = Vec::new();
-                    while Instant::now() < deadline {
-                        let asked = Instant::now();
-                        let (status, _, _) = get(&client, &url).await;
-                        if status != 200 {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        samples.push(asked.elapsed().as_micros() as u32);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    samples.split_off(1.min(samples.len()))
-                })
+                format!("http://{replica}{}", paths[i % JOBS])
             })
             .collect();
-        let mut all = Vec::new();
-        for poller in pollers {
-            all.extend(poller.await.unwrap());
-        }
+        let (samples, failed) = poll_urls(urls, self.seconds).await;
         let upstream: u64 = paths.iter().map(|p| self.sim.requests(p)).sum();
         // Each job's first window is a cold miss; then one refresh per TTL.
         let per_window = upstream as f64 / (JOBS as f64 * (self.seconds + 1) as f64);
-        (
-            per_window,
-            failed.load(Ordering::Relaxed),
-            Latencies::new(all),
-        )
+        (per_window, failed, Latencies::new(samples))
     }
 }
 

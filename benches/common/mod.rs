@@ -232,32 +232,48 @@ pub async fn serve_fixed(listener: tokio::net::TcpListener, answer: FixedAnswer)
 /// 50 ms between polls as real pollers do; returns the requests served and
 /// their latencies, each poller's first (cold) request left out.
 pub async fn poll(gateway: SocketAddr, c: usize, k: usize, seconds: u64) -> (u64, Latencies) {
-    let client = client(c);
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let tasks: Vec<_> = (0..c)
+    let urls = (0..c)
         .map(|i| {
-            let client = client.clone();
-            let url = format!(
+            format!(
                 "http://{gateway}/v2/{PROJECT}/instances/i/assets/jobs/poll{}",
                 i % k
-            );
+            )
+        })
+        .collect();
+    let (samples, _) = poll_urls(urls, seconds).await;
+    (samples.len() as u64, Latencies::new(samples))
+}
+
+/// A poller per URL, each asking it every 50 ms for `seconds`: latencies in
+/// µs, each poller's first (cold) request left out, and how many answers
+/// were not 200.
+pub async fn poll_urls(urls: Vec<String>, seconds: u64) -> (Vec<u32>, u64) {
+    let client = client(urls.len());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let client = client.clone();
             tokio::spawn(async move {
-                let mut samples = Vec::new();
+                let (mut samples, mut failed) = (Vec::new(), 0);
                 while Instant::now() < deadline {
                     let asked = Instant::now();
-                    get(&client, &url).await;
+                    let (status, _, _) = get(&client, &url).await;
+                    failed += u64::from(status != 200);
                     samples.push(asked.elapsed().as_micros() as u32);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 // A poller's first request finds its job cold everywhere: the
                 // figures are for the polling that follows.
-                samples.split_off(1.min(samples.len()))
+                (samples.split_off(1.min(samples.len())), failed)
             })
         })
         .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
+    let (mut all, mut failed) = (Vec::new(), 0);
+    for task in tasks {
+        let (samples, failures) = task.await.unwrap();
+        all.extend(samples);
+        failed += failures;
     }
-    (all.len() as u64, Latencies::new(all))
+    (all, failed)
 }
