@@ -10,16 +10,19 @@
 //! with [`write_access_lines_to`]; the date part of the timestamp is reused
 //! within a second and numbers go through `itoa`. Until then, and for JSON
 //! lines or a terminal, the line is an ordinary tracing event.
-//! `RUST_LOG` decides either way.
+//! `RUST_LOG` decides either way. Every line, this one or tracing's, then
+//! waits in a [`LineWriter`] for a background thread to write it.
+
+mod writer;
+
+pub use writer::{FlushGuard, LineWriter};
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Method;
-use tracing_appender::non_blocking::NonBlocking;
 
 use crate::credentials::redact;
 
@@ -27,12 +30,12 @@ use crate::credentials::redact;
 pub const ACCESS: &str = "progress_gateway::access";
 
 /// Where access lines go when written directly: set once, by the binary.
-static WRITER: OnceLock<NonBlocking> = OnceLock::new();
+static WRITER: OnceLock<LineWriter> = OnceLock::new();
 
 /// From now on, access lines are formatted here and handed to `writer`, the
 /// one tracing's other lines go to, rather than going through tracing's
 /// formatter. Only for tracing's default plain-text format without colours.
-pub fn write_access_lines_to(writer: NonBlocking) {
+pub fn write_access_lines_to(writer: LineWriter) {
     // A second call (there is none in the binary) keeps the first writer.
     let _ = WRITER.set(writer);
 }
@@ -62,19 +65,15 @@ impl Access<'_> {
             return self.event();
         };
         thread_local! {
-            /// The line is put together here, and sent through this thread's
-            /// own clone of the writer's channel.
-            static LINE: RefCell<(String, Option<NonBlocking>)> = const { RefCell::new((String::new(), None)) };
+            /// The line is put together here, then copied to the writer.
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
         }
-        LINE.with_borrow_mut(|(line, sender)| {
+        LINE.with_borrow_mut(|line| {
             line.clear();
             self.format(line, SystemTime::now());
             // Scrubbed like every other line: a client may send anything as
             // its request id, a gateway secret included.
-            let line = redact(line);
-            let sender = sender.get_or_insert_with(|| writer.clone());
-            // A full channel drops the line and counts it (`lossy`).
-            let _ = sender.write_all(line.as_bytes());
+            writer.push(redact(line).as_bytes());
         });
     }
 

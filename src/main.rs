@@ -11,13 +11,15 @@ use progress_gateway::app::{self, Overrides};
 use progress_gateway::config::Config;
 use progress_gateway::credentials::{redact, Redacting};
 use progress_gateway::error::chain;
-use progress_gateway::logging::write_access_lines_to;
+use progress_gateway::logging::{write_access_lines_to, FlushGuard, LineWriter};
 use progress_gateway::metrics::LogDrops;
-use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::field::MakeExt;
 
 /// Exit code for a config the operator must fix (sysexits' EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
+
+/// Log bytes allowed to wait for a stalled stderr: about 64,000 access lines.
+const LOG_BACKLOG: usize = 16 << 20;
 
 #[derive(Parser)]
 #[command(
@@ -146,20 +148,16 @@ fn fail(message: &str, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Log lines go through a buffer that a background thread writes to
-/// stderr, so no request waits on the terminal or the log shipper. When the
-/// writer falls behind by more than the buffer, lines are dropped and counted
-/// (`pgw_log_lines_dropped`) rather than slowing requests down.
-fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
+/// Log lines wait in memory for a background thread that writes them to
+/// stderr in batches, so no request waits on the terminal or the log
+/// shipper. When the output falls behind by more than [`LOG_BACKLOG`], lines
+/// are dropped and counted (`pgw_log_lines_dropped`) rather than slowing
+/// requests down.
+fn init_logging(format: LogFormat, default: &str) -> (FlushGuard, LogDrops) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Buffered too: the worker writes a batch per system call, and flushes
-    // whenever its queue runs empty, so lines are not held back.
-    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .finish(stderr);
-    let dropped = writer.error_counter();
+    let (writer, guard) = LineWriter::spawn(std::io::stderr(), LOG_BACKLOG);
+    let dropped = writer.clone();
     // Colours only on a terminal: log files and shippers get plain text.
     let ansi = std::io::stderr().is_terminal();
     // Every line is scrubbed of secret values, whatever quoted them.
@@ -192,5 +190,5 @@ fn init_logging(format: LogFormat, default: &str) -> (WorkerGuard, LogDrops) {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("{}", redact(&info.to_string()));
     }));
-    (guard, LogDrops::new(move || dropped.dropped_lines() as u64))
+    (guard, LogDrops::new(move || dropped.dropped()))
 }

@@ -134,7 +134,7 @@ pub struct CredentialCounters {
     pub failures: Counter,
 }
 
-/// Reads how many log lines the non-blocking writer has dropped so far.
+/// Reads how many log lines the log writer has dropped so far.
 #[derive(Clone)]
 pub struct LogDrops(Arc<dyn Fn() -> u64 + Send + Sync>);
 
