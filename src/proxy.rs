@@ -316,6 +316,37 @@ impl Gateway {
             consumer_label: consumer_label.to_string(),
             request: fetch(),
         };
+        // Boxed: watchers are few, and every hit's future would otherwise be
+        // sized for one.
+        Box::pin(self.watch(
+            subject,
+            answer,
+            mode,
+            etag,
+            request,
+            request_id,
+            &tenants.vary,
+        ))
+        .await
+    }
+
+    /// Holds a long poll until the answer changes, or starts an event stream.
+    #[allow(clippy::too_many_arguments)]
+    async fn watch<B>(
+        &self,
+        subject: Subject,
+        answer: Answer,
+        mode: Mode,
+        etag: HeaderValue,
+        request: &Request<B>,
+        request_id: &str,
+        vary: &HeaderValue,
+    ) -> Result<Response<Body>, Arc<GatewayError>> {
+        let plain = |answer: &Answer| {
+            Ok(self
+                .respond(answer, request, request_id, vary)
+                .map(Either::Left))
+        };
         let config = self.watch.load();
         let kind = match mode {
             Mode::Stream => "stream",
@@ -340,7 +371,7 @@ impl Gateway {
                 .get("last-event-id")
                 .and_then(|v| v.to_str().ok());
             let body = watch::event_stream(watcher, last_event_id, &config);
-            return Ok(event_stream_response(body, request_id, &tenants.vary));
+            return Ok(event_stream_response(body, request_id, vary));
         };
         let next = watcher
             .next(watch::hold_until(wait), |latest| {
@@ -352,7 +383,7 @@ impl Gateway {
             watch::Next::Deadline => "timeout",
             watch::Next::Stopping => "shutdown",
         });
-        let mut response = self.respond(&watcher.latest, request, request_id, &tenants.vary);
+        let mut response = self.respond(&watcher.latest, request, request_id, vary);
         response
             .headers_mut()
             .insert(PREFERENCE_APPLIED, watch::preference_applied(wait));

@@ -390,12 +390,52 @@ impl Cache {
         scope: Scope<'_>,
         request: impl FnOnce() -> FetchRequest,
     ) -> Result<Answer, Arc<GatewayError>> {
+        let started = Instant::now();
+        // A hit ends here. Everything past one is a future of several KiB,
+        // boxed so that a hit's request neither builds nor moves it.
+        if let Ok(answer) = self.hit(&key, started, &self.inner.policy.load()) {
+            return Ok(answer);
+        }
+        Box::pin(self.settle(key, scope, request, started)).await
+    }
+
+    /// The stored answer for `key` if it is fresh at `now`: all a cache hit
+    /// does. Otherwise what is stored, and how it stands.
+    fn hit(
+        &self,
+        key: &CacheKey,
+        now: Instant,
+        policy: &CachePolicy,
+    ) -> Result<Answer, (Option<Stored>, Option<Freshness>)> {
+        let stored = self.inner.store.get(key);
+        let standing = stored
+            .as_ref()
+            .map(|s| freshness(policy, s.class, now.duration_since(s.stored_at)));
+        match (stored, standing) {
+            (Some(stored), Some(Freshness::Fresh { .. })) => {
+                if let (Some(activity), Class::Running) = (&stored.activity, stored.class) {
+                    // A load first: most hits find it set and write nothing.
+                    if !activity.polled.load(Ordering::Relaxed) {
+                        activity.polled.store(true, Ordering::Relaxed);
+                    }
+                }
+                Ok(Answer::new(stored, CacheStatus::Hit))
+            }
+            (stored, standing) => Err((stored, standing)),
+        }
+    }
+
+    /// [`Self::get`] past a hit, looking again from the top each time round.
+    async fn settle(
+        &self,
+        key: CacheKey,
+        scope: Scope<'_>,
+        request: impl FnOnce() -> FetchRequest,
+        started: Instant,
+    ) -> Result<Answer, Arc<GatewayError>> {
         let inner = &self.inner;
         let Scope { api, project, .. } = scope;
-        let started = Instant::now();
         let deadline = started + inner.policy.load().wait_timeout;
-        // One clock read for a hit: the first turn's `now` is the start.
-        let mut start = Some(started);
         let mut holds = 0;
         // Built once, on the first fetch, however often the loop comes round.
         let (mut request, mut built) = (Some(request), None);
@@ -406,22 +446,11 @@ impl Cache {
         };
         loop {
             let policy = inner.policy.load();
-            let now = start.take().unwrap_or_else(Instant::now);
-            let stored = inner.store.get(&key);
-            let standing = stored
-                .as_ref()
-                .map(|s| freshness(&policy, s.class, now.duration_since(s.stored_at)));
-            let stored = match (stored, standing) {
-                (Some(stored), Some(Freshness::Fresh { .. })) => {
-                    if let (Some(activity), Class::Running) = (&stored.activity, stored.class) {
-                        // A load first: most hits find it set and write nothing.
-                        if !activity.polled.load(Ordering::Relaxed) {
-                            activity.polled.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    return Ok(Answer::new(stored, CacheStatus::Hit));
-                }
-                (stored, _) => stored,
+            let now = Instant::now();
+            let (stored, standing) = match self.hit(&key, now, &policy) {
+                // Stored meanwhile, or after waiting below.
+                Ok(answer) => return Ok(answer),
+                Err(found) => found,
             };
             // Everything below is past a hit: the maps sit behind locks.
             // An answer past freshness that may still stand in for upstream.
