@@ -5,6 +5,7 @@
 //! `Gateway::serve`, which returns `Result` and uses `?` freely.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -128,6 +129,14 @@ pub struct Gateway {
     stopping: CancellationToken,
 }
 
+/// A request's route, project, language and cache key, checked.
+struct Prepared<'a> {
+    route: Route<'a>,
+    project: &'a Project,
+    language: Option<String>,
+    key: CacheKey,
+}
+
 /// What the access log line reports beyond the response status.
 #[derive(Default)]
 struct Trace<'a> {
@@ -142,8 +151,11 @@ struct Trace<'a> {
 impl crate::server::Handler for Gateway {
     type Body = Body;
 
-    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Body> {
-        self.answer(request).await
+    fn handle(
+        &self,
+        request: Request<hyper::body::Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        self.answer(request)
     }
 }
 
@@ -199,9 +211,60 @@ impl Gateway {
     }
 
     /// Answers one request; never fails (errors become Huawei-shaped answers).
-    pub async fn answer<B>(&self, request: Request<B>) -> Response<Body> {
+    ///
+    /// Most requests are plain cache hits, answered here without awaiting
+    /// anything: a hit's future is then little more than its request. Only a
+    /// request that must wait (for upstream, or as a watcher) builds the
+    /// larger future of [`Self::serve`], boxed.
+    pub fn answer<'a, B: Send + Sync + 'a>(
+        &'a self,
+        request: Request<B>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'a {
         let started = std::time::Instant::now();
         let request_id = request_id(request.headers());
+        let at_once = self.at_once(&request, &request_id, started);
+        async move {
+            match at_once {
+                Some(response) => response,
+                None => Box::pin(self.wait_for_answer(request, request_id, started)).await,
+            }
+        }
+    }
+
+    /// The answer if it needs no waiting: a plain cache hit, or an error in
+    /// the request itself. `None` when it must go upstream or be held.
+    fn at_once<B>(
+        &self,
+        request: &Request<B>,
+        request_id: &str,
+        started: std::time::Instant,
+    ) -> Option<Response<Body>> {
+        let tenants = self.tenants.load();
+        let mut trace = Trace::default();
+        let response = match self.prepare(&tenants, request, &mut trace) {
+            Err(error) => self.failed(error.into(), request_id, &mut trace),
+            Ok(prepared) => {
+                if self.mode(request) != Mode::Plain {
+                    return None;
+                }
+                let answer = self.cache.fresh(prepared.key)?;
+                self.cache.asked(&answer);
+                trace.cache = Some(answer.status);
+                self.respond(&answer, request, request_id, &tenants.vary)
+                    .map(Either::Left)
+            }
+        };
+        self.finish(request, &trace, &response, started, request_id);
+        Some(response)
+    }
+
+    /// The answer of a request that waits: [`Self::serve`], then the log line.
+    async fn wait_for_answer<B: Sync>(
+        &self,
+        request: Request<B>,
+        request_id: String,
+        started: std::time::Instant,
+    ) -> Response<Body> {
         let mut trace = Trace::default();
         let tenants = self.tenants.load();
         let response = match self
@@ -209,14 +272,35 @@ impl Gateway {
             .await
         {
             Ok(response) => response,
-            Err(error) => {
-                trace.error = Some(error.code());
-                if error.status().is_server_error() {
-                    tracing::warn!(request_id = %request_id, error = %error.message(), "gateway error");
-                }
-                error.to_response(&request_id).map(Either::Left)
-            }
+            Err(error) => self.failed(error, &request_id, &mut trace),
         };
+        self.finish(&request, &trace, &response, started, &request_id);
+        response
+    }
+
+    /// The Huawei-shaped answer for `error`, noted in the trace.
+    fn failed(
+        &self,
+        error: Arc<GatewayError>,
+        request_id: &str,
+        trace: &mut Trace,
+    ) -> Response<Body> {
+        trace.error = Some(error.code());
+        if error.status().is_server_error() {
+            tracing::warn!(request_id = %request_id, error = %error.message(), "gateway error");
+        }
+        error.to_response(request_id).map(Either::Left)
+    }
+
+    /// Counts the request and writes its access line.
+    fn finish<B>(
+        &self,
+        request: &Request<B>,
+        trace: &Trace,
+        response: &Response<Body>,
+        started: std::time::Instant,
+        request_id: &str,
+    ) {
         let route = trace.api.map_or("-", Api::as_str);
         let cache = trace.cache.map_or("-", CacheStatus::as_str);
         self.metrics
@@ -231,26 +315,33 @@ impl Gateway {
             stale: trace.stale.map_or("-", StaleReason::as_str),
             error: trace.error.unwrap_or("-"),
             latency_us: started.elapsed().as_micros() as u64,
-            request_id: &request_id,
+            request_id,
         }
         .log();
-        response
     }
 
-    async fn serve<'a, B>(
+    /// Whether the client asks to watch (long-poll, event stream) or not.
+    fn mode<B>(&self, request: &Request<B>) -> Mode {
+        match *request.method() {
+            Method::GET => watch::mode(request.headers(), self.watch.load().max_wait),
+            _ => Mode::Plain,
+        }
+    }
+
+    /// What the request asks for, checked: route, consumer, project,
+    /// language, and the cache key they make.
+    fn prepare<'a, B>(
         &self,
         tenants: &'a Tenants,
         request: &'a Request<B>,
-        request_id: &str,
         trace: &mut Trace<'a>,
-    ) -> Result<Response<Body>, Arc<GatewayError>> {
+    ) -> Result<Prepared<'a>, GatewayError> {
         let size = head_size(request);
         if size > self.max_header_bytes {
             let limit = self.max_header_bytes;
-            return Err(GatewayError::HeadersTooLarge { size, limit }.into());
+            return Err(GatewayError::HeadersTooLarge { size, limit });
         }
-        let route =
-            route::parse(request.method(), request.uri().path()).map_err(GatewayError::from)?;
+        let route = route::parse(request.method(), request.uri().path())?;
         trace.api = Some(route.api);
         trace.project = Some(route.project);
         trace.consumer = self.consumer(tenants, request, route.project)?;
@@ -260,6 +351,27 @@ impl Gateway {
             .ok_or_else(|| GatewayError::ProjectNotServed(route.project.to_string()))?;
         let language = language(request.headers())?;
         let key = CacheKey::new(&route, language.as_deref(), project.credential.identity());
+        Ok(Prepared {
+            route,
+            project,
+            language,
+            key,
+        })
+    }
+
+    async fn serve<'a, B>(
+        &self,
+        tenants: &'a Tenants,
+        request: &'a Request<B>,
+        request_id: &str,
+        trace: &mut Trace<'a>,
+    ) -> Result<Response<Body>, Arc<GatewayError>> {
+        let Prepared {
+            route,
+            project,
+            language,
+            key,
+        } = self.prepare(tenants, request, trace)?;
         // Fair use: by consumer key where keys are configured, else by address.
         let (named, address) = (trace.consumer, client_ip(request));
         let (consumer, consumer_label): (&(dyn std::fmt::Display + Sync), _) =
@@ -280,10 +392,7 @@ impl Gateway {
         self.cache.asked(&answer);
         trace.cache = Some(answer.status);
         trace.stale = answer.stale;
-        let mode = match *request.method() {
-            Method::GET => watch::mode(request.headers(), self.watch.load().max_wait),
-            _ => Mode::Plain,
-        };
+        let mode = self.mode(request);
         // Only a running job's answer can change; anything else is answered at once.
         let watchable = answer.stored.class == Class::Running && answer.stored.status.is_success();
         let plain = |answer: &Answer| {

@@ -399,6 +399,13 @@ impl Cache {
         Box::pin(self.settle(key, scope, request, started)).await
     }
 
+    /// The stored answer for `key` if it is fresh: a hit, without the rest
+    /// of [`Self::get`].
+    pub fn fresh(&self, key: CacheKey) -> Option<Answer> {
+        self.hit(&key, Instant::now(), &self.inner.policy.load())
+            .ok()
+    }
+
     /// The stored answer for `key` if it is fresh at `now`: all a cache hit
     /// does. Otherwise what is stored, and how it stands.
     fn hit(
