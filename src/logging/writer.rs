@@ -7,8 +7,9 @@
 //! line through a channel as its own allocation, and its thread wakes and
 //! writes per line whenever it keeps up; on a busy gateway that cost 2–3 %
 //! of the core next to formatting the line. Here a line is a `memcpy` under
-//! an uncontended lock, and the thread wakes every [`EVERY`] or once
-//! [`BATCH`] bytes wait, whichever comes first.
+//! an uncontended lock. The thread sleeps while nothing waits; the first line
+//! wakes it, and it writes [`EVERY`] later whatever has gathered by then: at
+//! most one wake-up and one write per [`EVERY`], however busy the gateway.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +19,8 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-/// The writer wakes early once this much waits.
-const BATCH: usize = 64 * 1024;
-/// Otherwise it writes at least this often, so a quiet gateway's lines still
-/// show up at once to a person watching.
+/// How long lines gather after the first one: short enough that they show
+/// up at once to a person watching.
 const EVERY: Duration = Duration::from_millis(20);
 
 /// Lines not yet written. Cloned handles share it.
@@ -84,7 +83,8 @@ impl LineWriter {
             return;
         }
         pending.bytes.extend_from_slice(line);
-        if before < BATCH && pending.bytes.len() >= BATCH {
+        // Only the first line of a batch may find the writer asleep.
+        if before == 0 {
             self.0.wake.notify_one();
         }
     }
@@ -102,7 +102,11 @@ impl Shared {
         loop {
             let closed = {
                 let mut pending = self.pending.lock();
-                if !pending.closed && pending.bytes.len() < BATCH {
+                while pending.bytes.is_empty() && !pending.closed {
+                    self.wake.wait(&mut pending);
+                }
+                // A batch gathers; only closing wakes this wait early.
+                if !pending.closed {
                     self.wake.wait_for(&mut pending, EVERY);
                 }
                 std::mem::swap(&mut pending.bytes, &mut batch);
