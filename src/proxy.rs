@@ -215,7 +215,7 @@ impl Gateway {
     /// Most requests are plain cache hits, answered here without awaiting
     /// anything: a hit's future is then little more than its request. Only a
     /// request that must wait (for upstream, or as a watcher) builds the
-    /// larger future of [`Self::serve`], boxed.
+    /// larger future of `serve`, boxed.
     pub fn answer<'a, B: Send + Sync + 'a>(
         &'a self,
         request: Request<B>,
@@ -425,7 +425,7 @@ impl Gateway {
             consumer_label: consumer_label.to_string(),
             request: fetch(),
         };
-        // Boxed: watchers are few, and every hit's future would otherwise be
+        // Boxed: watchers are few, and every miss's future would otherwise be
         // sized for one.
         Box::pin(self.watch(
             subject,

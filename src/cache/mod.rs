@@ -392,7 +392,7 @@ impl Cache {
     ) -> Result<Answer, Arc<GatewayError>> {
         let started = Instant::now();
         // A hit ends here. Everything past one is a future of several KiB,
-        // boxed so that a hit's request neither builds nor moves it.
+        // boxed so that a caller's own future is not sized for it.
         if let Ok(answer) = self.hit(&key, started, &self.inner.policy.load()) {
             return Ok(answer);
         }
