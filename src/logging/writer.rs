@@ -13,8 +13,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -22,6 +21,9 @@ use parking_lot::{Condvar, Mutex};
 /// How long lines gather after the first one: short enough that they show
 /// up at once to a person watching.
 const EVERY: Duration = Duration::from_millis(20);
+/// How long an exit waits for the last lines to be written: an output that
+/// takes longer (a pipe nobody reads) would otherwise hold the exit forever.
+const FINAL_WRITE: Duration = Duration::from_secs(1);
 
 /// Lines not yet written. Cloned handles share it.
 #[derive(Clone)]
@@ -41,11 +43,13 @@ struct Pending {
     closed: bool,
 }
 
-/// Writes what is still waiting, then stops the writer thread, when dropped.
+/// Writes what is still waiting, then stops the writer thread, when dropped;
+/// waits at most [`FINAL_WRITE`] for that.
 #[must_use = "dropping the guard stops the writer"]
 pub struct FlushGuard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// Disconnects when the writer thread has ended.
+    ended: mpsc::Receiver<()>,
 }
 
 impl LineWriter {
@@ -59,16 +63,20 @@ impl LineWriter {
             limit,
             dropped: AtomicU64::new(0),
         });
-        let thread = {
+        let (ending, ended) = mpsc::channel::<()>();
+        {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("log-writer".into())
-                .spawn(move || shared.write_out(out))
-                .expect("spawning the log writer thread")
-        };
+                .spawn(move || {
+                    let _ending = ending;
+                    shared.write_out(out);
+                })
+                .expect("spawning the log writer thread");
+        }
         let guard = FlushGuard {
             shared: shared.clone(),
-            thread: Some(thread),
+            ended,
         };
         (LineWriter(shared), guard)
     }
@@ -129,9 +137,8 @@ impl Drop for FlushGuard {
     fn drop(&mut self) {
         self.shared.pending.lock().closed = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        // Disconnected once the thread has written the rest and ended.
+        let _ = self.ended.recv_timeout(FINAL_WRITE);
     }
 }
 
@@ -165,7 +172,8 @@ mod tests {
                 // Held until the test lets it go (or drops the sender).
                 let _ = gate.recv();
             }
-            self.written.send(buf.to_vec()).unwrap();
+            // The test may be over (the writer outlives a stuck exit).
+            let _ = self.written.send(buf.to_vec());
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -227,5 +235,18 @@ mod tests {
         drop(guard);
         let written: Vec<u8> = seen.try_iter().flatten().collect();
         assert_eq!(written, pushed.concat());
+    }
+
+    #[test]
+    fn an_exit_waits_for_a_stuck_output_only_so_long() {
+        let (_release, gate) = mpsc::channel::<()>();
+        let (out, _seen) = sink(Some(gate));
+        let (writer, guard) = LineWriter::spawn(out, 1 << 20);
+        writer.push(b"never written\n");
+        let started = std::time::Instant::now();
+        drop(guard);
+        let waited = started.elapsed();
+        assert!(waited >= FINAL_WRITE, "{waited:?}");
+        assert!(waited < FINAL_WRITE * 10, "{waited:?}");
     }
 }
