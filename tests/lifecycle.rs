@@ -42,7 +42,7 @@ async fn spawn_gateway(config: &std::path::Path) -> Process {
 
 /// Starts the binary, under `prlimit --nofile=N:N` when `open_files` is set.
 async fn spawn_gateway_with(config: &std::path::Path, open_files: Option<u32>) -> Process {
-    let mut command = match open_files {
+    let command = match open_files {
         None => Command::new(env!("CARGO_BIN_EXE_progress-gateway")),
         Some(n) => {
             let mut c = Command::new("prlimit");
@@ -52,18 +52,7 @@ async fn spawn_gateway_with(config: &std::path::Path, open_files: Option<u32>) -
             c
         }
     };
-    let mut child = command
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let line = common::listening_line(&mut child).await;
-    let proxy = common::listening(&line, "proxy").unwrap_or_else(|| panic!("{line}"));
-    let admin = common::listening(&line, "admin");
+    let (mut child, proxy, admin) = start(command, config).await;
     let (tx, logs) = mpsc::unbounded_channel();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     tokio::spawn(async move {
@@ -79,6 +68,26 @@ async fn spawn_gateway_with(config: &std::path::Path, open_files: Option<u32>) -
         admin,
         logs,
     }
+}
+
+/// Runs `serve` with `RUST_LOG=info`, its stdout and stderr piped, and waits
+/// for its listening line: the child, its proxy and admin addresses.
+async fn start(
+    mut command: Command,
+    config: &std::path::Path,
+) -> (tokio::process::Child, SocketAddr, Option<SocketAddr>) {
+    let mut child = command
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let line = common::listening_line(&mut child).await;
+    let proxy = common::listening(&line, "proxy").unwrap_or_else(|| panic!("{line}"));
+    (child, proxy, common::listening(&line, "admin"))
 }
 
 impl Process {
@@ -217,6 +226,34 @@ async fn the_binary_counts_dropped_log_lines_in_its_metrics() {
     let (status, _, metrics) = raw_get(&mut stream, "/metrics").await;
     assert_eq!(status, 200);
     assert!(metrics.contains("pgw_log_lines_dropped 0"), "{metrics}");
+    gateway.signal("TERM");
+    exits_zero(&mut gateway, Duration::from_secs(20)).await;
+}
+
+/// Nobody reads the gateway's stderr (a stuck log shipper): once the pipe is
+/// full, its log writer blocks, and neither requests nor the exit wait on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stderr_holds_up_neither_requests_nor_the_exit() {
+    let (_sim, sim_addr, dir, path) = setup(Behaviour::default()).await;
+    std::fs::write(&path, config(sim_addr, dir.path(), "", &[PROJECT])).unwrap();
+    let command = Command::new(env!("CARGO_BIN_EXE_progress-gateway"));
+    let (mut child, proxy, admin) = start(command, &path).await;
+    // Held open, never read.
+    let _stderr = child.stderr.take().unwrap();
+    let (_no_lines, logs) = mpsc::unbounded_channel();
+    let mut gateway = Process {
+        child,
+        proxy,
+        admin,
+        logs,
+    };
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    // About 250 KiB of access lines, four times what a pipe holds.
+    for _ in 0..1000 {
+        let (status, _, _) = raw_get(&mut stream, &drs_path("stalled")).await;
+        assert_eq!(status, 200);
+    }
+    drop(stream);
     gateway.signal("TERM");
     exits_zero(&mut gateway, Duration::from_secs(20)).await;
 }
