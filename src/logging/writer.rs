@@ -44,7 +44,7 @@ struct Pending {
 }
 
 /// Writes what is still waiting, then stops the writer thread, when dropped;
-/// waits at most [`FINAL_WRITE`] for that.
+/// waits at most `FINAL_WRITE` (1 s) for that.
 #[must_use = "dropping the guard stops the writer"]
 pub struct FlushGuard {
     shared: Arc<Shared>,
