@@ -381,24 +381,6 @@ impl Cache {
         self.inner.backoffs.in_force(Instant::now())
     }
 
-    /// The answer for `key`: stored, shared from a fetch in flight or a recent
-    /// failure, or fetched in a detached task. `request` is called only when a
-    /// fetch starts, so a hit builds nothing.
-    pub async fn get(
-        &self,
-        key: CacheKey,
-        scope: Scope<'_>,
-        request: impl FnOnce() -> FetchRequest,
-    ) -> Result<Answer, Arc<GatewayError>> {
-        let started = Instant::now();
-        // A hit ends here. Everything past one is a future of several KiB,
-        // boxed so that a caller's own future is not sized for it.
-        if let Ok(answer) = self.hit(&key, started, &self.inner.policy.load()) {
-            return Ok(answer);
-        }
-        Box::pin(self.settle(key, scope, request, started)).await
-    }
-
     /// The stored answer for `key` if it is fresh: a hit, without the rest
     /// of [`Self::get`].
     pub fn fresh(&self, key: CacheKey) -> Option<Answer> {
@@ -432,17 +414,18 @@ impl Cache {
         }
     }
 
-    /// [`Self::get`] past a hit, looking again from the top each time round.
-    async fn settle(
+    /// The answer for `key`: stored, shared from a fetch in flight or a recent
+    /// failure, or fetched in a detached task. `request` is called only when a
+    /// fetch starts, so a hit builds nothing.
+    pub async fn get(
         &self,
         key: CacheKey,
         scope: Scope<'_>,
         request: impl FnOnce() -> FetchRequest,
-        started: Instant,
     ) -> Result<Answer, Arc<GatewayError>> {
         let inner = &self.inner;
         let Scope { api, project, .. } = scope;
-        let deadline = started + inner.policy.load().wait_timeout;
+        let deadline = Instant::now() + inner.policy.load().wait_timeout;
         let mut holds = 0;
         // Built once, on the first fetch, however often the loop comes round.
         let (mut request, mut built) = (Some(request), None);
@@ -455,7 +438,6 @@ impl Cache {
             let policy = inner.policy.load();
             let now = Instant::now();
             let (stored, standing) = match self.hit(&key, now, &policy) {
-                // Stored meanwhile, or after waiting below.
                 Ok(answer) => return Ok(answer),
                 Err(found) => found,
             };
