@@ -341,10 +341,6 @@ impl Server {
                 }
                 open.remove(id);
             };
-            let _ = std::fs::write(
-                "/tmp/pgw-size",
-                format!("task={}", std::mem::size_of_val(&task)),
-            );
             connections.spawn(task);
         }
         drop(listener);
