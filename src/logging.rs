@@ -17,10 +17,10 @@ mod writer;
 
 pub use writer::{FlushGuard, LineWriter};
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::Method;
 
@@ -55,9 +55,9 @@ pub struct Access<'a> {
 }
 
 impl Access<'_> {
-    /// Writes the line, if `RUST_LOG` lets `progress_gateway::access` log at
-    /// `info`.
-    pub fn log(&self) {
+    /// Writes the line, stamped `at`, if `RUST_LOG` lets
+    /// `progress_gateway::access` log at `info`.
+    pub fn log(&self, at: Instant) {
         if !tracing::enabled!(target: ACCESS, tracing::Level::INFO) {
             return;
         }
@@ -70,7 +70,7 @@ impl Access<'_> {
         }
         LINE.with_borrow_mut(|line| {
             line.clear();
-            self.format(line, SystemTime::now());
+            self.format(line, wall_clock(at));
             // Scrubbed like every other line: a client may send anything as
             // its request id, a gateway secret included.
             writer.push(redact(line).as_bytes());
@@ -141,6 +141,26 @@ fn quoted(line: &mut String, value: &str) {
     }
 }
 
+/// The wall-clock time at `at`, counted on from a reading of the system
+/// clock taken at most a second before: the request has read the monotonic
+/// clock already, and a line costs no second clock reading. A step of the
+/// system clock shows within a second.
+fn wall_clock(at: Instant) -> SystemTime {
+    thread_local! {
+        static ANCHOR: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
+    }
+    ANCHOR.with(|anchor| match anchor.get() {
+        Some((then, wall)) if at >= then && at - then < Duration::from_secs(1) => {
+            wall + (at - then)
+        }
+        _ => {
+            let wall = SystemTime::now();
+            anchor.set(Some((at, wall)));
+            wall
+        }
+    })
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC, as tracing's `SystemTime` writes it.
 fn write_timestamp(line: &mut String, now: SystemTime) {
     thread_local! {
@@ -182,6 +202,21 @@ mod tests {
         let at = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.into());
         write_timestamp(&mut text, at);
         text
+    }
+
+    #[test]
+    fn the_wall_clock_counts_on_from_a_reading_at_most_a_second_old() {
+        let (before, at) = (SystemTime::now(), Instant::now());
+        let first = wall_clock(at);
+        assert!(first >= before && first <= SystemTime::now());
+        // Within the second: counted on from that reading, to the nanosecond.
+        let later = Duration::from_millis(700);
+        assert_eq!(wall_clock(at + later), first + later);
+        // Past it: read again, so the system clock (here not moved on by two
+        // seconds) is what counts.
+        let read_again = wall_clock(at + Duration::from_secs(2));
+        assert!(read_again < first + Duration::from_secs(1));
+        assert!(read_again >= first);
     }
 
     #[test]

@@ -220,7 +220,9 @@ impl Gateway {
         &'a self,
         request: Request<B>,
     ) -> impl Future<Output = Response<Body>> + Send + 'a {
-        let started = std::time::Instant::now();
+        // The one clock reading before the answer: a hit's freshness and Age
+        // are judged at this instant too.
+        let started = Instant::now();
         let request_id = request_id(request.headers());
         let at_once = self.at_once(&request, &request_id, started);
         async move {
@@ -237,7 +239,7 @@ impl Gateway {
         &self,
         request: &Request<B>,
         request_id: &str,
-        started: std::time::Instant,
+        started: Instant,
     ) -> Option<Response<Body>> {
         let tenants = self.tenants.load();
         let mut trace = Trace::default();
@@ -247,10 +249,10 @@ impl Gateway {
                 if self.mode(request) != Mode::Plain {
                     return None;
                 }
-                let answer = self.cache.fresh(prepared.key)?;
+                let answer = self.cache.fresh(prepared.key, started)?;
                 self.cache.asked(&answer);
                 trace.cache = Some(answer.status);
-                self.respond(&answer, request, request_id, &tenants.vary)
+                self.respond(&answer, request, request_id, &tenants.vary, started)
                     .map(Either::Left)
             }
         };
@@ -263,7 +265,7 @@ impl Gateway {
         &self,
         request: Request<B>,
         request_id: String,
-        started: std::time::Instant,
+        started: Instant,
     ) -> Response<Body> {
         let mut trace = Trace::default();
         let tenants = self.tenants.load();
@@ -298,13 +300,14 @@ impl Gateway {
         request: &Request<B>,
         trace: &Trace,
         response: &Response<Body>,
-        started: std::time::Instant,
+        started: Instant,
         request_id: &str,
     ) {
         let route = trace.api.map_or("-", Api::as_str);
         let cache = trace.cache.map_or("-", CacheStatus::as_str);
         self.metrics
             .request(route, response.status().as_u16(), cache);
+        let ended = Instant::now();
         Access {
             method: request.method(),
             route,
@@ -314,10 +317,10 @@ impl Gateway {
             cache,
             stale: trace.stale.map_or("-", StaleReason::as_str),
             error: trace.error.unwrap_or("-"),
-            latency_us: started.elapsed().as_micros() as u64,
+            latency_us: ended.duration_since(started).as_micros() as u64,
             request_id,
         }
-        .log();
+        .log(ended.into_std());
     }
 
     /// Whether the client asks to watch (long-poll, event stream) or not.
@@ -397,7 +400,7 @@ impl Gateway {
         let watchable = answer.stored.class == Class::Running && answer.stored.status.is_success();
         let plain = |answer: &Answer| {
             Ok(self
-                .respond(answer, request, request_id, &tenants.vary)
+                .respond(answer, request, request_id, &tenants.vary, Instant::now())
                 .map(Either::Left))
         };
         if mode == Mode::Plain {
@@ -453,7 +456,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Arc<GatewayError>> {
         let plain = |answer: &Answer| {
             Ok(self
-                .respond(answer, request, request_id, vary)
+                .respond(answer, request, request_id, vary, Instant::now())
                 .map(Either::Left))
         };
         let config = self.watch.load();
@@ -492,7 +495,7 @@ impl Gateway {
             watch::Next::Deadline => "timeout",
             watch::Next::Stopping => "shutdown",
         });
-        let mut response = self.respond(&watcher.latest, request, request_id, vary);
+        let mut response = self.respond(&watcher.latest, request, request_id, vary, Instant::now());
         response
             .headers_mut()
             .insert(PREFERENCE_APPLIED, watch::preference_applied(wait));
@@ -530,10 +533,11 @@ impl Gateway {
         request: &Request<B>,
         request_id: &str,
         vary: &HeaderValue,
+        now: Instant,
     ) -> Response<Full<Bytes>> {
         let stored = &answer.stored;
         let cacheable = stored.class != Class::Uncacheable;
-        let age = Instant::now().saturating_duration_since(stored.stored_at);
+        let age = now.saturating_duration_since(stored.stored_at);
         let policy = self.cache.policy();
         let etag = stored.etag();
         // Conditional requests apply to 2xx answers only (RFC 9110 §13.1.2).
