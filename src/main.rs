@@ -156,17 +156,19 @@ fn fail(message: &str, code: u8) -> ExitCode {
 fn init_logging(format: LogFormat, default: &str) -> (FlushGuard, LogDrops) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let (writer, guard) = LineWriter::spawn(std::io::stderr(), LOG_BACKLOG);
+    // Every line is scrubbed of secret values, whatever quoted them: the
+    // writer thread scrubs each batch on its way out, off the request path
+    // (a secret cannot span lines, nor lines batches).
+    let (writer, guard) = LineWriter::spawn(Redacting(std::io::stderr()), LOG_BACKLOG);
     let dropped = writer.clone();
     // Colours only on a terminal: log files and shippers get plain text.
     let ansi = std::io::stderr().is_terminal();
-    // Every line is scrubbed of secret values, whatever quoted them.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer({
             let writer = writer.clone();
-            move || Redacting(writer.clone())
+            move || writer.clone()
         });
     match format {
         // Plain `name=value` fields: the default field formatter styles
