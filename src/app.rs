@@ -11,7 +11,7 @@
 //!    counters never reset, cached answers stay.
 //! 4. [`Running::stop`] stops accepting and drains; [`serve`] ties it to signals.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use crate::credentials::{Credential, Registry};
 use crate::dashboard::Dashboard;
 use crate::fetch::{Exchange, Fetch};
 use crate::metrics::{LogDrops, Metrics};
-use crate::proxy::{Gateway, Project, Tenants};
+use crate::proxy::{Gateway, Project, Projects, Tenants};
 use crate::server::{Server, Tls, TlsError};
 use crate::signal::{Signal, Signals};
 use crate::upstream::Upstream;
@@ -444,7 +444,7 @@ fn tenants(
     credentials: &BTreeMap<String, Arc<Credential>>,
     consumers: Consumers,
 ) -> Tenants {
-    let projects: HashMap<_, _> = config
+    let projects: Projects = config
         .projects
         .values()
         .map(|p| {
