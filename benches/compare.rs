@@ -4,7 +4,8 @@
 //! the same simulator, under the same two workloads:
 //!
 //! 1. cache-hit throughput and latency on a hot (finished) job, with a bare
-//!    hyper server answering the same bytes as the ceiling;
+//!    hyper server answering the same bytes as the ceiling, and the CPU time
+//!    each server's processes spend per hit, in user space and in the kernel;
 //! 2. herd: 100 clients ask for a fresh key at once, upstream latency 20 ms;
 //! 3. expired-key herd: 100 clients arrive just after a polled running job's
 //!    1 s TTL lapsed (Varnish serves its grace copy, nginx its stale one while
@@ -305,6 +306,8 @@ struct Row {
     rate: f64,
     p50: f64,
     p99: f64,
+    /// CPU µs per hit: user, kernel.
+    cpu: (f64, f64),
     per_key: f64,
     herd_p50: f64,
     herd_p99: f64,
@@ -312,6 +315,54 @@ struct Row {
     expired: (f64, f64, f64),
     /// Sustained polling: client requests, upstream requests, p50 ms, p99 ms.
     polling: (u64, u64, f64, f64),
+}
+
+/// User and kernel CPU seconds used so far by process `root` and its
+/// descendants (nginx's workers, Varnish's child), from `/proc`.
+fn cpu_seconds(root: u32) -> (f64, f64) {
+    // After the command name in parentheses: state, ppid, ..., utime (12th),
+    // stime (13th), in clock ticks.
+    let stats: Vec<(u32, u32, u64, u64)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((
+                pid,
+                fields[1].parse().ok()?,
+                fields[11].parse().ok()?,
+                fields[12].parse().ok()?,
+            ))
+        })
+        .collect();
+    let mut tree = vec![root];
+    // Parents come before children in a process tree this shallow; a few
+    // passes find every descendant.
+    for _ in 0..3 {
+        for (pid, parent, _, _) in &stats {
+            if tree.contains(parent) && !tree.contains(pid) {
+                tree.push(*pid);
+            }
+        }
+    }
+    let ticks = clock_ticks();
+    stats
+        .iter()
+        .filter(|(pid, ..)| tree.contains(pid))
+        .fold((0.0, 0.0), |(user, kernel), (_, _, u, k)| {
+            (user + *u as f64 / ticks, kernel + *k as f64 / ticks)
+        })
+}
+
+/// Clock ticks per second, the unit of `/proc/<pid>/stat`'s CPU times.
+fn clock_ticks() -> f64 {
+    let output = Command::new("getconf").arg("CLK_TCK").output();
+    output
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// The ceiling: this same program re-run as a bare hyper server answering the
@@ -410,6 +461,7 @@ fn main() {
     // Hit throughput with wrk, the servers alternating over three rounds so
     // drift on a shared machine hits them alike; medians are reported.
     let mut hits: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); servers.len()];
+    let mut cpu: Vec<Vec<(f64, f64)>> = vec![Vec::new(); servers.len()];
     for server in &servers {
         let url = hot_url(server);
         let (status, _, _) = load.block_on(async { get(&client(1), &url).await });
@@ -417,7 +469,12 @@ fn main() {
     }
     for _ in 0..3 {
         for (i, server) in servers.iter().enumerate() {
-            hits[i].push(wrk(&hot_url(server), connections, seconds));
+            let before = cpu_seconds(server.child.id());
+            let hit = wrk(&hot_url(server), connections, seconds);
+            let after = cpu_seconds(server.child.id());
+            let per_hit = |s: f64| s * 1e6 / (hit.0 * seconds as f64);
+            cpu[i].push((per_hit(after.0 - before.0), per_hit(after.1 - before.1)));
+            hits[i].push(hit);
         }
     }
     let mut rows = Vec::new();
@@ -428,6 +485,10 @@ fn main() {
             rate: pick(|h| h.0),
             p50: pick(|h| h.1),
             p99: pick(|h| h.2),
+            cpu: (
+                median(cpu[i].iter().map(|c| c.0).collect()),
+                median(cpu[i].iter().map(|c| c.1).collect()),
+            ),
             per_key: f64::NAN,
             herd_p50: f64::NAN,
             herd_p99: f64::NAN,
@@ -498,12 +559,19 @@ fn main() {
     println!("\nprogress-gateway vs nginx vs Varnish ({} cores; servers pinned to one core, load on the other)", cores());
     println!("hit (wrk): {connections} connections, 3 alternating rounds of {seconds} s on a finished job; herd: 100 clients at once on a fresh key, upstream 20 ms, {rounds} rounds (medians)\n");
     println!(
-        "| {:<16} | {:>10} | {:>8} | {:>8} | {:>10} | {:>13} | {:>15} |",
-        "server", "hit req/s", "p50 ms", "p99 ms", "vs ceiling", "herd upstream", "herd p50/p99 ms"
+        "| {:<16} | {:>10} | {:>8} | {:>8} | {:>10} | {:>24} | {:>13} | {:>15} |",
+        "server",
+        "hit req/s",
+        "p50 ms",
+        "p99 ms",
+        "vs ceiling",
+        "CPU µs/hit user + kernel",
+        "herd upstream",
+        "herd p50/p99 ms"
     );
     println!(
-        "|{:-<18}|{:->12}|{:->10}|{:->10}|{:->12}|{:->15}|{:->17}|",
-        "", "", "", "", "", "", ""
+        "|{:-<18}|{:->12}|{:->10}|{:->10}|{:->12}|{:->26}|{:->15}|{:->17}|",
+        "", "", "", "", "", "", "", ""
     );
     let ceiling = rows[0].rate;
     let or_dash = |r: &Row, text: String| {
@@ -515,12 +583,13 @@ fn main() {
     };
     for r in &rows {
         println!(
-            "| {:<16} | {:>10.0} | {:>8.2} | {:>8.2} | {:>10.2} | {:>13} | {:>15} |",
+            "| {:<16} | {:>10.0} | {:>8.2} | {:>8.2} | {:>10.2} | {:>24} | {:>13} | {:>15} |",
             r.name,
             r.rate,
             r.p50,
             r.p99,
             r.rate / ceiling,
+            format!("{:.2} + {:.2}", r.cpu.0, r.cpu.1),
             or_dash(r, format!("{:.2}", r.per_key)),
             or_dash(r, format!("{:.1} / {:.1}", r.herd_p50, r.herd_p99)),
         );
