@@ -42,6 +42,7 @@ pub mod fetch;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod recent;
 pub mod route;
 pub mod server;
 pub mod signal;

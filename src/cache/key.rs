@@ -1,10 +1,11 @@
 //! The cache key: which answers may be shared.
 
 use std::cell::RefCell;
-use std::hash::BuildHasher;
+use std::convert::Infallible;
 
 use sha2::{Digest, Sha256};
 
+use crate::recent::{Recent, MAX_INPUT};
 use crate::route::Route;
 
 /// Identifies one cached answer: API, project, instance, job, language and the
@@ -16,26 +17,11 @@ use crate::route::Route;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey(u128);
 
-/// Keys remembered per thread. Pollers ask for the same few jobs again and
-/// again, and the key's SHA-256 (two compression blocks for a typical
-/// request) costs more than the rest of a hit's routing.
-const REMEMBERED: usize = 256;
-
-/// Joined parts longer than this (a long credential principal) are hashed
-/// every time rather than remembered.
-const MAX_JOINED: usize = 256;
-
 thread_local! {
-    /// Slot by a hash of the joined parts: the parts, and their key.
-    static RECENT: RefCell<Recent> = RefCell::new(Recent {
-        hasher: foldhash::fast::RandomState::default(),
-        slots: vec![None; REMEMBERED],
-    });
-}
-
-struct Recent {
-    hasher: foldhash::fast::RandomState,
-    slots: Vec<Option<(Box<[u8]>, CacheKey)>>,
+    /// Pollers ask for the same few jobs again and again, and the key's
+    /// SHA-256 (two compression blocks for a typical request) costs more
+    /// than the rest of a hit's routing.
+    static RECENT: RefCell<Recent<CacheKey>> = RefCell::new(Recent::new(256));
 }
 
 impl CacheKey {
@@ -51,8 +37,8 @@ impl CacheKey {
         // Each part ends in a byte no part can contain (the buffer's zeros),
         // so the join is unambiguous.
         let len: usize = parts.iter().map(|part| part.len() + 1).sum();
-        let (mut buffer, mut long) = ([0u8; MAX_JOINED], Vec::new());
-        let joined = if len <= MAX_JOINED {
+        let (mut buffer, mut long) = ([0u8; MAX_INPUT], Vec::new());
+        let joined = if len <= MAX_INPUT {
             &mut buffer[..len]
         } else {
             long.resize(len, 0);
@@ -64,21 +50,12 @@ impl CacheKey {
             at += part.len() + 1;
         }
         let joined = &*joined;
-        if len > MAX_JOINED {
-            return Self::digest(joined);
+        let computed = RECENT.with_borrow_mut(|recent| {
+            recent.get_or(joined, || Ok::<_, Infallible>(Self::digest(joined)))
+        });
+        match computed {
+            Ok(key) => key,
         }
-        RECENT.with_borrow_mut(|recent| {
-            let slot = recent.hasher.hash_one(joined) as usize % REMEMBERED;
-            match &recent.slots[slot] {
-                // The same bytes: the same key, whatever the hash says.
-                Some((seen, key)) if **seen == *joined => *key,
-                _ => {
-                    let key = Self::digest(joined);
-                    recent.slots[slot] = Some((joined.into(), key));
-                    key
-                }
-            }
-        })
     }
 
     /// The first 128 bits of SHA-256 over the joined parts.
@@ -134,7 +111,7 @@ mod tests {
     fn remembered_keys_are_the_keys_even_when_slots_are_shared() {
         // Eight times as many jobs as slots, asked for twice in turn: most
         // slots change hands, and every answer must still be its own key.
-        let jobs: Vec<String> = (0..REMEMBERED * 8).map(|i| format!("job-{i}")).collect();
+        let jobs: Vec<String> = (0..256 * 8).map(|i| format!("job-{i}")).collect();
         let route = |job| Route {
             api: Api::Roma,
             project: "0123456789abcdef0123456789abcdef",
