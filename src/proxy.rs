@@ -43,6 +43,8 @@ const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_GATEWAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-gateway-request-id");
 const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+/// Looked up on every request: a `&str` name would be parsed each time.
+const X_LANGUAGE: HeaderName = HeaderName::from_static("x-language");
 
 /// A served project as the request path needs it.
 #[derive(Debug)]
@@ -759,7 +761,7 @@ pub fn new_request_id() -> String {
 
 /// `X-Language`, normalised (`zh_CN` → `zh-cn`); it is part of the cache key.
 fn language(headers: &HeaderMap) -> Result<Option<String>, GatewayError> {
-    let Some(value) = headers.get("x-language") else {
+    let Some(value) = headers.get(X_LANGUAGE) else {
         return Ok(None);
     };
     let value = value

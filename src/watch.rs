@@ -110,7 +110,8 @@ pub fn mode(headers: &HeaderMap, max_wait: Duration) -> Mode {
     if !headers.contains_key(header::IF_NONE_MATCH) {
         return Mode::Plain;
     }
-    let wait = listed(header::HeaderName::from_static("prefer")).find_map(|preference| {
+    const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
+    let wait = listed(PREFER).find_map(|preference| {
         let token = preference.split(';').next()?;
         let (name, value) = token.split_once('=')?;
         if !name.trim().eq_ignore_ascii_case("wait") {
