@@ -20,7 +20,7 @@ const ROMA: &str = "/v2/0123456789abcdef0123456789abcdef/instances/11111111-2222
 const BODY: &[u8] = br#"{"id":"ff8080814dbd65d7014dbe0d84db0013","type":"exportAsset","status":"SUCCEEDED","progress_percent":1.0,"begin_time":"2026-11-22T07:00:00Z","end_time":"2026-11-22T07:30:00Z","reasons":[],"archive_id":"a"}"#;
 
 fn hot_path(c: &mut Criterion) {
-    c.bench_function("route::parse (ROMA)", |b| {
+    c.bench_function("route::parse (ROMA, remembered)", |b| {
         b.iter(|| {
             route::parse(
                 std::hint::black_box(&Method::GET),
@@ -28,6 +28,13 @@ fn hot_path(c: &mut Criterion) {
             )
             .unwrap()
         })
+    });
+    // Routes and keys are remembered per thread (256 slots): 4096 distinct
+    // jobs in turn find them forgotten, as a request for a new job does.
+    let paths: Vec<String> = (0..4096).map(|i| format!("{ROMA}{i}")).collect();
+    let mut next = paths.iter().cycle();
+    c.bench_function("route::parse (ROMA, first time)", |b| {
+        b.iter(|| route::parse(&Method::GET, next.next().unwrap()).unwrap())
     });
     let policy = CachePolicy::default();
     let terminal = policy.terminal(Api::Roma);
@@ -42,8 +49,16 @@ fn hot_path(c: &mut Criterion) {
         })
     });
     let parsed = route::parse(&Method::GET, ROMA).unwrap();
-    c.bench_function("CacheKey::new", |b| {
+    c.bench_function("CacheKey::new (remembered)", |b| {
         b.iter(|| CacheKey::new(std::hint::black_box(&parsed), Some("en-us"), "token:main"))
+    });
+    let routes: Vec<_> = paths
+        .iter()
+        .map(|path| route::parse(&Method::GET, path).unwrap())
+        .collect();
+    let mut next = routes.iter().cycle();
+    c.bench_function("CacheKey::new (first time)", |b| {
+        b.iter(|| CacheKey::new(next.next().unwrap(), Some("en-us"), "token:main"))
     });
 
     // A whole hit through Gateway::answer: route, project, key, cache, response.
