@@ -24,16 +24,21 @@ thread_local! {
     static RECENT: RefCell<Recent<CacheKey>> = RefCell::new(Recent::new(256));
 }
 
+/// What a key is made of, in order.
+fn parts<'a>(route: &Route<'a>, language: Option<&'a str>, credential: &'a str) -> [&'a str; 6] {
+    [
+        route.api.as_str(),
+        route.project,
+        route.instance.unwrap_or(""),
+        route.job,
+        language.unwrap_or(""),
+        credential,
+    ]
+}
+
 impl CacheKey {
     pub fn new(route: &Route, language: Option<&str>, credential: &str) -> Self {
-        let parts = [
-            route.api.as_str(),
-            route.project,
-            route.instance.unwrap_or(""),
-            route.job,
-            language.unwrap_or(""),
-            credential,
-        ];
+        let parts = parts(route, language, credential);
         // Each part ends in a byte no part can contain (the buffer's zeros),
         // so the join is unambiguous.
         let len: usize = parts.iter().map(|part| part.len() + 1).sum();
@@ -91,14 +96,7 @@ mod tests {
     /// agree on it).
     fn reference(route: &Route, language: Option<&str>, credential: &str) -> CacheKey {
         let mut digest = Sha256::new();
-        for part in [
-            route.api.as_str(),
-            route.project,
-            route.instance.unwrap_or(""),
-            route.job,
-            language.unwrap_or(""),
-            credential,
-        ] {
+        for part in parts(route, language, credential) {
             digest.update(part.as_bytes());
             digest.update([0]);
         }
