@@ -337,8 +337,8 @@ fn cpu_seconds(root: u32) -> (f64, f64) {
         })
         .collect();
     let mut tree = vec![root];
-    // Parents come before children in a process tree this shallow; a few
-    // passes find every descendant.
+    // Each pass adds at least one generation, whatever order /proc lists
+    // processes in; these trees are one or two deep.
     for _ in 0..3 {
         for (pid, parent, _, _) in &stats {
             if tree.contains(parent) && !tree.contains(pid) {

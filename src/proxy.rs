@@ -65,10 +65,10 @@ impl Project {
     }
 }
 
-/// Who is served and how: swapped whole on a config reload.
 /// The projects served, by ID.
 pub type Projects = HashMap<String, Project, foldhash::fast::RandomState>;
 
+/// Who is served and how: swapped whole on a config reload.
 #[derive(Debug)]
 pub struct Tenants {
     /// By project ID, looked up on every request: foldhash, several times

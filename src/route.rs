@@ -141,7 +141,7 @@ fn match_path(path: &str) -> Result<Route<'_>, RouteError> {
     let mut segments = [""; 8];
     let (mut count, mut start) = (0, 0);
     // A plain byte loop: `split('/')` searches for each of a path's seven
-    // slashes with a separate call, twice the time on these short segments.
+    // slashes with a separate call, a fifth slower on these short segments.
     for (at, byte) in rest.bytes().enumerate() {
         if byte == b'/' {
             if count == segments.len() - 1 {

@@ -55,12 +55,10 @@ impl CacheKey {
             at += part.len() + 1;
         }
         let joined = &*joined;
-        let computed = RECENT.with_borrow_mut(|recent| {
+        let Ok(key) = RECENT.with_borrow_mut(|recent| {
             recent.get_or(joined, || Ok::<_, Infallible>(Self::digest(joined)))
         });
-        match computed {
-            Ok(key) => key,
-        }
+        key
     }
 
     /// The first 128 bits of SHA-256 over the joined parts.
