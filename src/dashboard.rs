@@ -193,9 +193,12 @@ impl Dashboard {
 
     /// Samples once a second until `stop`, publishing each snapshot.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut ticks = tokio::time::interval(Duration::from_secs(1));
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first sample a whole period after start, not at once: a rate
+        // over the first millisecond would show one request as hundreds a second.
+        let period = Duration::from_secs(1);
         let mut last = Instant::now();
+        let mut ticks = tokio::time::interval_at(last + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}

@@ -234,7 +234,8 @@ async fn the_page_shows_polled_jobs_and_what_is_saved_live_in_a_browser() {
     // The polled jobs appear, busiest first, with their status and cost.
     browser
         .wait_for(
-            "document.querySelector('#jobs tbody').innerText.includes('page-export-c')",
+            "['page-job-a', 'page-job-b', 'page-export-c'].every(j => \
+             document.querySelector('#jobs tbody').innerText.includes(j))",
             Duration::from_secs(15),
         )
         .await;
