@@ -6,6 +6,7 @@
 //! count hold the handles they need. One `Metrics` lives for the whole process,
 //! so a config reload never resets a counter.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -154,10 +155,21 @@ impl std::fmt::Debug for LogDrops {
     }
 }
 
+thread_local! {
+    /// The request counters this thread moved last, with their metrics' id
+    /// and labels: a family's lookup takes its lock and hashes the labels
+    /// with SipHash on every request. A counter is shared, so moving a copy
+    /// moves the family's.
+    static RECENT_COUNTERS: RefCell<[Option<(u64, RequestLabels, Counter)>; 4]> =
+        const { RefCell::new([const { None }; 4]) };
+}
+
 /// Every metric the gateway exports, under the `pgw_` prefix.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Unique in the process: tells apart the counters [`RECENT_COUNTERS`] holds.
+    id: u64,
     requests: Family<RequestLabels, Counter>,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_latency: LatencyFamily,
@@ -211,8 +223,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let mut registry = Registry::with_prefix("pgw");
         let metrics = Metrics {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             requests: Family::default(),
             upstream_requests: Family::default(),
             // 1 ms to about 16 s.
@@ -319,13 +333,26 @@ impl Metrics {
         if matches!(cache, "HIT" | "SHARED" | "COALESCED" | "STALE") {
             self.totals.hits.fetch_add(1, Ordering::Relaxed);
         }
-        self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                status,
-                cache,
-            })
-            .inc();
+        let labels = RequestLabels {
+            route,
+            status,
+            cache,
+        };
+        RECENT_COUNTERS.with_borrow_mut(|recent| {
+            let found = recent
+                .iter()
+                .flatten()
+                .find(|(id, seen, _)| *id == self.id && *seen == labels);
+            if let Some((_, _, counter)) = found {
+                counter.inc();
+                return;
+            }
+            let counter = self.requests.get_or_create(&labels).clone();
+            counter.inc();
+            // The oldest makes way: a thread answers few kinds of request.
+            recent.rotate_right(1);
+            recent[0] = Some((self.id, labels, counter));
+        });
     }
 
     /// One upstream exchange (retries count again); latency only for answers.
@@ -428,6 +455,35 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_counters_count_per_metrics_and_labels() {
+        let (one, other) = (Metrics::new(), Metrics::new());
+        // More kinds than a thread keeps at hand, in turn, twice over.
+        let kinds = [
+            (200, "HIT"),
+            (200, "MISS"),
+            (404, "HIT"),
+            (429, "-"),
+            (200, "STALE"),
+        ];
+        for _ in 0..2 {
+            for (status, cache) in kinds {
+                one.request("roma", status, cache);
+                one.request("roma", status, cache);
+            }
+        }
+        other.request("roma", 200, "HIT");
+        let text = one.encode();
+        for (status, cache) in kinds {
+            let line = format!(
+                r#"pgw_requests_total{{route="roma",status="{status}",cache="{cache}"}} 4"#
+            );
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        let line = r#"pgw_requests_total{route="roma",status="200",cache="HIT"} 1"#;
+        assert!(other.encode().contains(line));
+    }
 
     #[test]
     fn credential_counters_are_shared_by_name() {

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -28,6 +29,10 @@ use crate::metrics::Metrics;
 use crate::route::{self, Api, Route};
 use crate::server::ClientAddr;
 use crate::watch::{self, EventStream, Mode, Subject, WatchConfig, Watcher};
+
+mod head;
+
+use head::Varying;
 
 /// A whole answer, or a stream of server-sent events.
 pub type Body = Either<Full<Bytes>, EventStream>;
@@ -255,11 +260,20 @@ impl Gateway {
                 if self.mode(request) != Mode::Plain {
                     return None;
                 }
-                let answer = self.cache.fresh(prepared.key, started)?;
+                // One policy for the freshness and the head.
+                let policy = self.cache.policy();
+                let answer = self.cache.fresh(prepared.key, started, &policy)?;
                 self.cache.asked(&answer);
                 trace.cache = Some(answer.status);
-                self.respond(&answer, request, request_id, &tenants.vary, started)
-                    .map(Either::Left)
+                self.respond(
+                    &answer,
+                    request,
+                    request_id,
+                    &tenants.vary,
+                    started,
+                    &policy,
+                )
+                .map(Either::Left)
             }
         };
         self.finish(request, &trace, &response, started, request_id);
@@ -332,7 +346,7 @@ impl Gateway {
     /// Whether the client asks to watch (long-poll, event stream) or not.
     fn mode<B>(&self, request: &Request<B>) -> Mode {
         match *request.method() {
-            Method::GET => watch::mode(request.headers(), self.watch.load().max_wait),
+            Method::GET => watch::mode(request.headers(), || self.watch.load().max_wait),
             _ => Mode::Plain,
         }
     }
@@ -406,7 +420,14 @@ impl Gateway {
         let watchable = answer.stored.class == Class::Running && answer.stored.status.is_success();
         let plain = |answer: &Answer| {
             Ok(self
-                .respond(answer, request, request_id, &tenants.vary, Instant::now())
+                .respond(
+                    answer,
+                    request,
+                    request_id,
+                    &tenants.vary,
+                    Instant::now(),
+                    &self.cache.policy(),
+                )
                 .map(Either::Left))
         };
         if mode == Mode::Plain {
@@ -462,7 +483,14 @@ impl Gateway {
     ) -> Result<Response<Body>, Arc<GatewayError>> {
         let plain = |answer: &Answer| {
             Ok(self
-                .respond(answer, request, request_id, vary, Instant::now())
+                .respond(
+                    answer,
+                    request,
+                    request_id,
+                    vary,
+                    Instant::now(),
+                    &self.cache.policy(),
+                )
                 .map(Either::Left))
         };
         let config = self.watch.load();
@@ -501,7 +529,14 @@ impl Gateway {
             watch::Next::Deadline => "timeout",
             watch::Next::Stopping => "shutdown",
         });
-        let mut response = self.respond(&watcher.latest, request, request_id, vary, Instant::now());
+        let mut response = self.respond(
+            &watcher.latest,
+            request,
+            request_id,
+            vary,
+            Instant::now(),
+            &self.cache.policy(),
+        );
         response
             .headers_mut()
             .insert(PREFERENCE_APPLIED, watch::preference_applied(wait));
@@ -540,65 +575,88 @@ impl Gateway {
         request_id: &str,
         vary: &HeaderValue,
         now: Instant,
+        policy: &CachePolicy,
     ) -> Response<Full<Bytes>> {
         let stored = &answer.stored;
         let cacheable = stored.class != Class::Uncacheable;
         let age = now.saturating_duration_since(stored.stored_at);
-        let policy = self.cache.policy();
-        let etag = stored.etag();
+        let fresh_for = policy.fresh_for(stored.class);
         // Conditional requests apply to 2xx answers only (RFC 9110 §13.1.2).
-        let not_modified =
-            cacheable && stored.status.is_success() && etag_matches(request.headers(), &etag);
-
-        let mut response = Response::new(Full::new(Bytes::new()));
-        // Sized for the headers below, so inserting never regrows the map.
-        *response.headers_mut() = HeaderMap::with_capacity(14);
-        let headers = response.headers_mut();
-        headers.insert(X_CACHE, HeaderValue::from_static(answer.status.as_str()));
+        let not_modified = cacheable
+            && stored.status.is_success()
+            && request.headers().contains_key(header::IF_NONE_MATCH)
+            && etag_matches(request.headers(), &stored.etag());
         // Remaining freshness in whole seconds, rounded down: negative once stale.
-        let ttl = policy.fresh_for(stored.class).map(|lifetime| {
+        let ttl = fresh_for.map(|lifetime| {
             (lifetime.as_millis() as i64 - age.as_millis() as i64).div_euclid(1000)
         });
-        headers.insert(CACHE_STATUS, cache_status(answer, ttl));
-        headers.insert(
-            X_REQUEST_ID,
-            stored
+        let gateway_request_id = HeaderValue::from_str(request_id).ok();
+        let build = |varying: Varying| {
+            let mut headers = HeaderMap::with_capacity(12);
+            headers.insert(X_CACHE, HeaderValue::from_static(answer.status.as_str()));
+            headers.insert(CACHE_STATUS, varying.cache_status);
+            headers.insert(X_REQUEST_ID, varying.request_id);
+            if gateway_request_id.is_some() {
+                headers.insert(X_GATEWAY_REQUEST_ID, varying.gateway_request_id);
+            }
+            if cacheable {
+                // RFC 9111 §4.2: max-age is the freshness lifetime, Age the
+                // age; a downstream cache subtracts one from the other.
+                headers.insert(header::AGE, varying.age);
+            }
+            headers.insert(header::VARY, vary.clone());
+            if cacheable {
+                headers.insert(header::CACHE_CONTROL, cache_control(fresh_for));
+                headers.insert(header::ETAG, stored.etag());
+            } else {
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            }
+            if let Some(retry_after) = stored.retry_after() {
+                headers.insert(header::RETRY_AFTER, retry_after);
+            }
+            if !not_modified {
+                if let Some(content_type) = stored.content_type() {
+                    headers.insert(header::CONTENT_TYPE, content_type);
+                }
+                if request.method() == Method::HEAD {
+                    let length = HeaderValue::from(stored.body().len());
+                    headers.insert(header::CONTENT_LENGTH, length);
+                }
+            }
+            headers
+        };
+        let placeholder = HeaderValue::from_static("-");
+        let varying = Varying {
+            cache_status: cache_status(answer, ttl),
+            request_id: stored
                 .request_id()
-                .or_else(|| HeaderValue::from_str(request_id).ok())
-                .unwrap_or(HeaderValue::from_static("-")),
-        );
-        if let Ok(id) = HeaderValue::from_str(request_id) {
-            headers.insert(X_GATEWAY_REQUEST_ID, id);
-        }
-        headers.insert(header::VARY, vary.clone());
-        if cacheable {
-            // RFC 9111 §4.2: max-age is the freshness lifetime, Age the age;
-            // a downstream cache subtracts one from the other.
-            headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
-            headers.insert(header::CACHE_CONTROL, cache_control(&policy, stored.class));
-            headers.insert(header::ETAG, etag);
+                .or_else(|| gateway_request_id.clone())
+                .unwrap_or_else(|| placeholder.clone()),
+            gateway_request_id: gateway_request_id.clone().unwrap_or(placeholder),
+            age: HeaderValue::from(age.as_secs()),
+        };
+        // The common case gets a copy of its answer's prepared head: then
+        // the head begins with X-Cache and the varying values, in order.
+        let plain_hit = answer.status == CacheStatus::Hit
+            && cacheable
+            && !not_modified
+            && request.method() == Method::GET
+            && gateway_request_id.is_some();
+        let headers = if plain_hit {
+            head::hit(stored, fresh_for, vary, varying, build)
         } else {
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        }
-        if let Some(retry_after) = stored.retry_after() {
-            headers.insert(header::RETRY_AFTER, retry_after);
-        }
+            build(varying)
+        };
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.headers_mut() = headers;
         if not_modified {
             *response.status_mut() = StatusCode::NOT_MODIFIED;
-            return response;
-        }
-        if let Some(content_type) = stored.content_type() {
-            headers.insert(header::CONTENT_TYPE, content_type);
-        }
-        if request.method() == Method::HEAD {
-            headers.insert(
-                header::CONTENT_LENGTH,
-                HeaderValue::from(stored.body().len()),
-            );
         } else {
-            *response.body_mut() = Full::new(stored.body());
+            *response.status_mut() = stored.status;
+            if request.method() != Method::HEAD {
+                *response.body_mut() = Full::new(stored.body());
+            }
         }
-        *response.status_mut() = stored.status;
         response
     }
 }
@@ -666,9 +724,9 @@ fn fetch_request(
     }
 }
 
-/// `Cache-Control` for a stored answer of `class`: its freshness lifetime.
-fn cache_control(policy: &CachePolicy, class: Class) -> HeaderValue {
-    match policy.fresh_for(class) {
+/// `Cache-Control` for a stored answer fresh for `fresh_for` (none: finished).
+fn cache_control(fresh_for: Option<Duration>) -> HeaderValue {
+    match fresh_for {
         None => HeaderValue::from_static(TERMINAL_CACHE_CONTROL),
         Some(lifetime) => {
             HeaderValue::from_str(&format!("private, max-age={}", lifetime.as_secs()))

@@ -92,7 +92,8 @@ pub enum Mode {
 /// The mode a request's headers ask for: a stream when it accepts
 /// `text/event-stream`; a long-poll with `Prefer: wait=N` and `If-None-Match`
 /// (without a validator there is nothing to wait for a change from).
-pub fn mode(headers: &HeaderMap, max_wait: Duration) -> Mode {
+/// `max_wait` (the configured cap) is read only for a long-poll.
+pub fn mode(headers: &HeaderMap, max_wait: impl FnOnce() -> Duration) -> Mode {
     let listed = |name: header::HeaderName| {
         headers
             .get_all(name)
@@ -120,7 +121,7 @@ pub fn mode(headers: &HeaderMap, max_wait: Duration) -> Mode {
         value.trim().trim_matches('"').parse::<u64>().ok()
     });
     match wait {
-        Some(secs) => Mode::LongPoll(Duration::from_secs(secs).min(max_wait)),
+        Some(secs) => Mode::LongPoll(Duration::from_secs(secs).min(max_wait())),
         None => Mode::Plain,
     }
 }
@@ -493,16 +494,16 @@ mod tests {
 
     #[test]
     fn modes_follow_accept_prefer_and_if_none_match() {
-        assert_eq!(mode(&headers(&[]), CAP), Mode::Plain);
+        assert_eq!(mode(&headers(&[]), || CAP), Mode::Plain);
         assert_eq!(
             mode(
                 &headers(&[("accept", "text/html, Text/Event-Stream;q=1")]),
-                CAP
+                || CAP
             ),
             Mode::Stream
         );
         assert_eq!(
-            mode(&headers(&[("prefer", "wait=10")]), CAP),
+            mode(&headers(&[("prefer", "wait=10")]), || CAP),
             Mode::Plain,
             "nothing to compare with"
         );
@@ -512,14 +513,14 @@ mod tests {
                     ("prefer", "respond-async, Wait=10"),
                     ("if-none-match", "\"a\"")
                 ]),
-                CAP
+                || CAP
             ),
             Mode::LongPoll(Duration::from_secs(10))
         );
         assert_eq!(
             mode(
                 &headers(&[("prefer", "wait=600"), ("if-none-match", "\"a\"")]),
-                CAP
+                || CAP
             ),
             Mode::LongPoll(CAP),
             "capped"
@@ -527,7 +528,7 @@ mod tests {
         assert_eq!(
             mode(
                 &headers(&[("prefer", "wait=soon"), ("if-none-match", "\"a\"")]),
-                CAP
+                || CAP
             ),
             Mode::Plain
         );

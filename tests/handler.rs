@@ -343,6 +343,48 @@ async fn caching_headers_tell_downstream_caches_and_clients_the_truth() {
     );
 }
 
+/// A hit's head is copied from the one prepared for its answer, with the
+/// values of this request written in: it must be the head built afresh.
+#[tokio::test(start_paused = true)]
+async fn a_copied_hit_head_is_the_head_built_afresh() {
+    let script = Script::new(Duration::ZERO, &[(200, RUNNING)]);
+    let app = app("[cache]\nrunning_ttl = \"6s\"", &script);
+    get(&app, "j").await;
+    let names = |headers: &http::HeaderMap| -> Vec<String> {
+        headers.keys().map(|n| n.to_string()).collect()
+    };
+    // The first hit prepares the head; the second is a copy.
+    let first = get_with(&app, "j", &[("x-request-id", "first-id")]).await;
+    tokio::time::advance(Duration::from_millis(2100)).await;
+    let copied = get_with(&app, "j", &[("x-request-id", "second-id")]).await;
+    assert_eq!(copied.header("x-cache"), "HIT");
+    assert_eq!(copied.header("x-gateway-request-id"), "second-id");
+    assert_eq!(copied.header("age"), "2");
+    assert_eq!(
+        copied.header("cache-status"),
+        "progress-gateway; hit; ttl=3"
+    );
+    assert_eq!(first.header("cache-status"), "progress-gateway; hit; ttl=6");
+    assert_eq!(names(&copied.headers), names(&first.headers));
+    // A HEAD request's head is always built afresh: the same, plus its length.
+    let request = Request::head(path("j"))
+        .header("x-request-id", "second-id")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let built = read(app.gateway().answer(request).await).await;
+    let mut expected = copied.headers.clone();
+    expected.insert("content-length", copied.body.len().into());
+    assert_eq!(built.headers, expected);
+    assert_eq!(names(&built.headers), names(&expected));
+
+    // A reload's new lifetime shows at once on the same stored answer.
+    app.reload(config("[cache]\nrunning_ttl = \"1h\"")).unwrap();
+    let reloaded = get(&app, "j").await;
+    assert_eq!(reloaded.header("x-cache"), "HIT");
+    assert_eq!(reloaded.header("cache-control"), "private, max-age=3600");
+    assert_eq!(script.calls(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn conditional_requests_apply_to_successful_answers_only() {
     let script = Script::new(Duration::ZERO, &[(404, r#"{"error_code":"DRS.0404"}"#)]);

@@ -76,6 +76,11 @@ impl CacheKey {
         format!("{:032x}", self.0)
     }
 
+    /// Bits to pick a slot with: already a digest, so any bits will do.
+    pub fn spread(self) -> u64 {
+        self.0 as u64
+    }
+
     pub fn from_hex(hex: &str) -> Option<CacheKey> {
         (hex.len() == 32)
             .then(|| u128::from_str_radix(hex, 16).ok())

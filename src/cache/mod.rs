@@ -3,6 +3,7 @@
 //! upstream struggles, and a per-project backoff after a 429.
 //!
 //! - [`key`]: which answers may be shared.
+//! - [`near`]: each thread's copies of the answers it just read.
 //! - [`stored`]: an answer as kept (one compact allocation).
 //! - [`policy`]: pure decisions: classification, freshness, `Retry-After`.
 //! - [`flight`]: the single flight, with its named end states.
@@ -27,6 +28,7 @@ pub mod backoff;
 pub mod budget;
 pub mod flight;
 pub mod key;
+pub mod near;
 pub mod policy;
 pub mod shared;
 pub mod stored;
@@ -213,6 +215,8 @@ struct Inner {
     /// Keys are already digests: foldhash spreads them as well as SipHash,
     /// the default, and several times faster.
     store: moka::sync::Cache<CacheKey, Stored, foldhash::fast::RandomState>,
+    /// Moved on by every write to `store`, which [`near`] copies check.
+    writes: Arc<near::Writes>,
     flights: Flights<CacheKey, Outcome>,
     backoffs: Backoffs,
     failures: Failures,
@@ -287,6 +291,7 @@ impl Cache {
         let max_bytes = policy.max_bytes.as_u64();
         let policy = Arc::new(ArcSwap::from_pointee(policy));
         let evictions = metrics.evictions.clone();
+        let writes = Arc::new(near::Writes::default());
         let store = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, value: &Stored| {
@@ -294,9 +299,14 @@ impl Cache {
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(KeepFor(policy.clone()))
-            .eviction_listener(move |_key, _value, cause| {
-                if cause == moka::notification::RemovalCause::Size {
-                    evictions.inc();
+            .eviction_listener({
+                let writes = writes.clone();
+                move |_key, _value, cause| {
+                    // Any removal (evicted, expired, replaced): copies are stale.
+                    writes.changed();
+                    if cause == moka::notification::RemovalCause::Size {
+                        evictions.inc();
+                    }
                 }
             })
             .build_with_hasher(foldhash::fast::RandomState::default());
@@ -304,6 +314,7 @@ impl Cache {
         let inner = Arc::new(Inner {
             policy,
             store,
+            writes,
             flights: Flights::default(),
             backoffs: Backoffs::default(),
             failures: Failures::default(),
@@ -385,8 +396,8 @@ impl Cache {
 
     /// The stored answer for `key` if it is fresh: a hit, without the rest
     /// of [`Self::get`].
-    pub fn fresh(&self, key: CacheKey, now: Instant) -> Option<Answer> {
-        self.hit(&key, now, &self.inner.policy.load()).ok()
+    pub fn fresh(&self, key: CacheKey, now: Instant, policy: &CachePolicy) -> Option<Answer> {
+        self.hit(&key, now, policy).ok()
     }
 
     /// The stored answer for `key` if it is fresh at `now`: all a cache hit
@@ -397,7 +408,11 @@ impl Cache {
         now: Instant,
         policy: &CachePolicy,
     ) -> Result<Answer, (Option<Stored>, Option<Freshness>)> {
-        let stored = self.inner.store.get(key);
+        // A copy this thread read a moment ago, when nothing was written since.
+        let stored = self
+            .inner
+            .writes
+            .get(key, now, || self.inner.store.get(key));
         let standing = stored
             .as_ref()
             .map(|s| freshness(policy, s.class, now.duration_since(s.stored_at)));
@@ -620,6 +635,13 @@ enum Started {
 }
 
 impl Inner {
+    /// Stores `stored` for `key`; every insert goes through here, so that
+    /// [`near`] copies of what it replaces are no longer used.
+    fn put(&self, key: CacheKey, stored: Stored) {
+        self.store.insert(key, stored);
+        self.writes.changed();
+    }
+
     /// Waits for the upstream budget of (API, project), when there is one:
     /// the fleet's while this replica holds the fleet lock, else its own.
     async fn spend_budget(&self, api: Api, project: &str, fleet: bool) {
@@ -788,7 +810,7 @@ impl Inner {
     fn adopt(&self, key: CacheKey, request: &FetchRequest, mut stored: Stored) -> Outcome {
         stored.activity = Some(self.activity(&key, request));
         self.failures.clear(&key);
-        self.store.insert(key, stored.clone());
+        self.put(key, stored.clone());
         self.metrics.shared_hits.inc();
         self.watches
             .publish(&key, Answer::new(stored.clone(), CacheStatus::Hit));
@@ -809,7 +831,7 @@ impl Inner {
         ) {
             return None;
         }
-        self.store.insert(key, stored.clone());
+        self.put(key, stored.clone());
         Some(stored)
     }
 
@@ -1024,7 +1046,7 @@ impl Inner {
         }
         self.failures.clear(key);
         if class != Class::Uncacheable {
-            self.store.insert(*key, stored.clone());
+            self.put(*key, stored.clone());
             report.stored = Some(stored.clone());
         }
         Outcome::Fetched(stored)
@@ -1101,7 +1123,7 @@ mod tests {
         CacheKey::new(&route, None, "token:main")
     }
 
-    fn response(status: u16, body: &str) -> UpstreamResponse {
+    pub(super) fn response(status: u16, body: &str) -> UpstreamResponse {
         UpstreamResponse {
             status: StatusCode::from_u16(status).unwrap(),
             headers: HeaderMap::new(),

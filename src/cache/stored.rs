@@ -118,6 +118,21 @@ impl Stored {
         (self.retry_after > 0).then(|| HeaderValue::from(self.retry_after))
     }
 
+    /// The very same answer (its bytes not just equal but shared), as
+    /// served: status and class included.
+    pub fn same(&self, other: &Stored) -> bool {
+        self.data.as_ptr() == other.data.as_ptr()
+            && self.data.len() == other.data.len()
+            && self.status == other.status
+            && self.class == other.class
+            && self.retry_after == other.retry_after
+    }
+
+    /// Bits to pick a slot with for [`Self::same`] answers.
+    pub fn spread(&self) -> u64 {
+        self.data.as_ptr() as u64
+    }
+
     /// The `index`th value after the body (ETag, Content-Type, X-Request-Id).
     fn value(&self, index: usize, len: u8) -> Option<HeaderValue> {
         if len == 0 {

@@ -64,36 +64,59 @@ const REDACTED: &str = "<redacted>";
 
 /// `text` with every live secret value replaced by `<redacted>`.
 pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
-    let mut text = std::borrow::Cow::Borrowed(text);
+    match scrub(text.as_bytes()) {
+        std::borrow::Cow::Borrowed(_) => std::borrow::Cow::Borrowed(text),
+        // Whole UTF-8 sequences replaced by ASCII: still UTF-8.
+        std::borrow::Cow::Owned(clean) => std::borrow::Cow::Owned(
+            String::from_utf8(clean).expect("a secret is replaced whole in valid text"),
+        ),
+    }
+}
+
+/// [`redact`] for bytes that may not be text (an upstream body).
+pub fn redact_bytes(bytes: &bytes::Bytes) -> bytes::Bytes {
+    match scrub(bytes) {
+        std::borrow::Cow::Borrowed(_) => bytes.clone(),
+        std::borrow::Cow::Owned(clean) => bytes::Bytes::from(clean),
+    }
+}
+
+/// `bytes` with every live secret's bytes replaced by `<redacted>`, text or
+/// not; borrowed when none occurs (the usual case: one scan per secret).
+fn scrub(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mut bytes = std::borrow::Cow::Borrowed(bytes);
     let mut dead = false;
     for secret in LIVE.read().iter() {
         let Some(secret) = secret.upgrade() else {
             dead = true;
             continue;
         };
-        if secret.len() >= MIN_REDACTED_LEN && text.contains(secret.as_str()) {
-            text = std::borrow::Cow::Owned(text.replace(secret.as_str(), REDACTED));
+        if secret.len() < MIN_REDACTED_LEN {
+            continue;
         }
+        let finder = memchr::memmem::Finder::new(secret.as_bytes());
+        let mut rest = &bytes[..];
+        let Some(first) = finder.find(rest) else {
+            continue;
+        };
+        let mut clean = Vec::with_capacity(bytes.len());
+        let mut at = first;
+        loop {
+            clean.extend_from_slice(&rest[..at]);
+            clean.extend_from_slice(REDACTED.as_bytes());
+            rest = &rest[at + secret.len()..];
+            match finder.find(rest) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        clean.extend_from_slice(rest);
+        bytes = std::borrow::Cow::Owned(clean);
     }
     if dead {
         LIVE.write().retain(|s| s.strong_count() > 0);
     }
-    text
-}
-
-/// [`redact`] for bytes that may not be text (an upstream body).
-pub fn redact_bytes(bytes: &bytes::Bytes) -> bytes::Bytes {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => match redact(text) {
-            std::borrow::Cow::Borrowed(_) => bytes.clone(),
-            std::borrow::Cow::Owned(clean) => bytes::Bytes::from(clean),
-        },
-        // Not UTF-8: scrub the valid text around, never pass a secret on.
-        Err(_) => match redact(&String::from_utf8_lossy(bytes)) {
-            std::borrow::Cow::Borrowed(_) => bytes.clone(),
-            std::borrow::Cow::Owned(clean) => bytes::Bytes::from(clean),
-        },
-    }
+    bytes
 }
 
 /// A writer that scrubs secrets from what passes through it (log lines).
@@ -102,13 +125,17 @@ pub struct Redacting<W>(pub W);
 
 impl<W: std::io::Write> std::io::Write for Redacting<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match std::str::from_utf8(buf) {
-            Ok(text) => self.0.write_all(redact(text).as_bytes())?,
-            Err(_) => self
-                .0
-                .write_all(&redact_bytes(&bytes::Bytes::copy_from_slice(buf)))?,
-        }
+        self.0.write_all(&scrub(buf))?;
         Ok(buf.len())
+    }
+
+    /// Every buffer, scrubbed, in one go (one system call for a log batch).
+    /// Each buffer holds whole lines, so no secret spans two.
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let clean: Vec<_> = bufs.iter().map(|buf| scrub(buf)).collect();
+        let mut slices: Vec<_> = clean.iter().map(|c| std::io::IoSlice::new(c)).collect();
+        crate::logging::write_all_vectored(&mut self.0, &mut slices)?;
+        Ok(bufs.iter().map(|buf| buf.len()).sum())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -248,6 +275,27 @@ mod tests {
             "tok-3f9a2c77e1",
             "no longer in use"
         );
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_are_scrubbed_and_otherwise_kept() {
+        let _secret = Secret::new("sk-91c4be07".into());
+        // At both ends, twice in a row, beside bytes that are not UTF-8.
+        let body = bytes::Bytes::from_static(b"sk-91c4be07\xff\xfesk-91c4be07sk-91c4be07\n\xc3");
+        assert_eq!(
+            redact_bytes(&body),
+            &b"<redacted>\xff\xfe<redacted><redacted>\n\xc3"[..]
+        );
+        // The log writer scrubs what passes through it the same way.
+        let mut out = Redacting(Vec::new());
+        std::io::Write::write_all(&mut out, b"a=sk-91c4be07 b=\xff\n").unwrap();
+        assert_eq!(out.0, b"a=<redacted> b=\xff\n");
+        // A batch of buffers at once, each scrubbed.
+        let bufs = [b"x sk-91c4be07\n".as_slice(), b"plain\n", b"sk-91c4be07\n"];
+        let slices: Vec<_> = bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
+        let written = std::io::Write::write_vectored(&mut out, &slices).unwrap();
+        assert_eq!(written, bufs.iter().map(|b| b.len()).sum::<usize>());
+        assert!(out.0.ends_with(b"x <redacted>\nplain\n<redacted>\n"));
     }
 
     #[test]
