@@ -62,6 +62,10 @@ struct Pending {
     spare: Vec<Vec<u8>>,
     /// A slot has lines the writer has not taken yet.
     in_slots: bool,
+    /// The writer waits for a first line, with nothing to write: the only
+    /// time a line wakes it. While a batch gathers, a wake-up would cut the
+    /// batch short and switch threads on the request path's core.
+    asleep: bool,
     closed: bool,
 }
 
@@ -147,7 +151,9 @@ impl LineWriter {
                 let mut pending = shared.pending.lock();
                 if !pending.in_slots {
                     pending.in_slots = true;
-                    shared.wake.notify_one();
+                    if pending.asleep {
+                        shared.wake.notify_one();
+                    }
                 }
             }
         });
@@ -171,7 +177,6 @@ impl Shared {
     /// held, so a thread's lines keep their order.
     fn hand_off(&self, slot: &mut Vec<u8>) {
         let mut pending = self.pending.lock();
-        let was_empty = pending.chunks.is_empty();
         // The slot's buffer itself moves on, and the slot takes an emptied
         // one: nothing is copied, and the few buffers in turn stay in cache.
         let spare = pending.spare.pop().unwrap_or_default();
@@ -179,7 +184,7 @@ impl Shared {
         pending.bytes += full.len();
         pending.chunks.push(full);
         self.waiting.store(pending.bytes, Ordering::Relaxed);
-        if was_empty {
+        if pending.asleep {
             self.wake.notify_one();
         }
     }
@@ -205,7 +210,9 @@ impl Shared {
             let closed = {
                 let mut pending = self.pending.lock();
                 while pending.chunks.is_empty() && !pending.in_slots && !pending.closed {
+                    pending.asleep = true;
                     self.wake.wait(&mut pending);
+                    pending.asleep = false;
                 }
                 // A batch gathers; only closing wakes this wait early.
                 if !pending.closed {
