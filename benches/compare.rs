@@ -22,8 +22,9 @@
 //! client (it must fire 100 requests at once and count upstream requests).
 //! Run it through benches/compare.sh, which installs nginx, Varnish and wrk
 //! from Debian's packages if missing and builds the gateway first.
-//! Knobs: PGW_BENCH_SECONDS (hit phase, default 5), PGW_BENCH_CONNECTIONS (64),
-//! PGW_BENCH_ROUNDS (herd rounds, 10), PGW_BIN (the gateway binary).
+//! Knobs: PGW_BENCH_SECONDS (hit phase, default 5), PGW_BENCH_HIT_ROUNDS (5),
+//! PGW_BENCH_CONNECTIONS (64), PGW_BENCH_ROUNDS (herd rounds, 10), PGW_BIN
+//! (the gateway binary).
 
 mod common;
 
@@ -425,6 +426,9 @@ fn main() {
         bare_server(&args[i + 1], &args[i + 2]);
     }
     let seconds = env("PGW_BENCH_SECONDS", 5);
+    // Five, not three: on a shared machine one round in three can read 20 %
+    // off for every server, and a median of three still follows it.
+    let hit_rounds = env("PGW_BENCH_HIT_ROUNDS", 5);
     let connections = env("PGW_BENCH_CONNECTIONS", 64) as usize;
     let rounds = env("PGW_BENCH_ROUNDS", 10) as usize;
     let poll_seconds = env("PGW_BENCH_POLL_SECONDS", 5);
@@ -458,7 +462,7 @@ fn main() {
         start_nginx(dir.path(), sim_addr),
         start_varnish(dir.path(), sim_addr),
     ];
-    // Hit throughput with wrk, the servers alternating over three rounds so
+    // Hit throughput with wrk, the servers alternating over several rounds so
     // drift on a shared machine hits them alike; medians are reported.
     let mut hits: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); servers.len()];
     let mut cpu: Vec<Vec<(f64, f64)>> = vec![Vec::new(); servers.len()];
@@ -467,7 +471,7 @@ fn main() {
         let (status, _, _) = load.block_on(async { get(&client(1), &url).await });
         assert_eq!(status, 200, "{} answers the hot key", server.name);
     }
-    for _ in 0..3 {
+    for _ in 0..hit_rounds {
         for (i, server) in servers.iter().enumerate() {
             let before = cpu_seconds(server.child.id());
             let hit = wrk(&hot_url(server), connections, seconds);
@@ -557,7 +561,7 @@ fn main() {
     drop(servers);
 
     println!("\nprogress-gateway vs nginx vs Varnish ({} cores; servers pinned to one core, load on the other)", cores());
-    println!("hit (wrk): {connections} connections, 3 alternating rounds of {seconds} s on a finished job; herd: 100 clients at once on a fresh key, upstream 20 ms, {rounds} rounds (medians)\n");
+    println!("hit (wrk): {connections} connections, {hit_rounds} alternating rounds of {seconds} s on a finished job; herd: 100 clients at once on a fresh key, upstream 20 ms, {rounds} rounds (medians)\n");
     println!(
         "| {:<16} | {:>10} | {:>8} | {:>8} | {:>10} | {:>24} | {:>13} | {:>15} |",
         "server",
@@ -593,6 +597,12 @@ fn main() {
             or_dash(r, format!("{:.2}", r.per_key)),
             or_dash(r, format!("{:.1} / {:.1}", r.herd_p50, r.herd_p99)),
         );
+    }
+    // The spread behind each median, for judging a ratio on a noisy machine.
+    println!("\nhit req/s by round:");
+    for (r, rounds) in rows.iter().zip(&hits) {
+        let each: Vec<String> = rounds.iter().map(|h| format!("{:.0}", h.0)).collect();
+        println!("  {:<16} {}", r.name, each.join(" "));
     }
     println!("\nexpired-key herd: 100 clients just after a polled running job's 1 s TTL lapsed, {rounds} rounds (medians);");
     println!("sustained polling: 200 clients over 20 running jobs, 50 ms apart, {poll_seconds} s, TTL 1 s, upstream 20 ms\n");

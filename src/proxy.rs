@@ -591,12 +591,13 @@ impl Gateway {
             (lifetime.as_millis() as i64 - age.as_millis() as i64).div_euclid(1000)
         });
         let gateway_request_id = HeaderValue::from_str(request_id).ok();
+        let has_gateway_id = gateway_request_id.is_some();
         let build = |varying: Varying| {
             let mut headers = HeaderMap::with_capacity(12);
             headers.insert(X_CACHE, HeaderValue::from_static(answer.status.as_str()));
             headers.insert(CACHE_STATUS, varying.cache_status);
             headers.insert(X_REQUEST_ID, varying.request_id);
-            if gateway_request_id.is_some() {
+            if has_gateway_id {
                 headers.insert(X_GATEWAY_REQUEST_ID, varying.gateway_request_id);
             }
             if cacheable {
@@ -632,8 +633,9 @@ impl Gateway {
                 .request_id()
                 .or_else(|| gateway_request_id.clone())
                 .unwrap_or_else(|| placeholder.clone()),
-            gateway_request_id: gateway_request_id.clone().unwrap_or(placeholder),
-            age: HeaderValue::from(age.as_secs()),
+            // Moved, not cloned: a clone of a fresh value allocates.
+            gateway_request_id: gateway_request_id.unwrap_or(placeholder),
+            age: head::age(age.as_secs()),
         };
         // The common case gets a copy of its answer's prepared head: then
         // the head begins with X-Cache and the varying values, in order.
@@ -641,7 +643,7 @@ impl Gateway {
             && cacheable
             && !not_modified
             && request.method() == Method::GET
-            && gateway_request_id.is_some();
+            && has_gateway_id;
         let headers = if plain_hit {
             head::hit(stored, fresh_for, vary, varying, build)
         } else {

@@ -89,3 +89,36 @@ pub(super) fn hit(
         headers
     })
 }
+
+/// `Age` for `secs`: a value this thread made for the same age, if it has
+/// one at hand (a hot answer's age changes once a second; a few answers at
+/// different ages take different slots), else a new one. A copy moves a
+/// count, where a new value allocates.
+pub(super) fn age(secs: u64) -> HeaderValue {
+    const AGES: usize = 16;
+    thread_local! {
+        static MADE: RefCell<[Option<(u64, HeaderValue)>; AGES]> = const { RefCell::new([const { None }; AGES]) };
+    }
+    MADE.with_borrow_mut(|made| {
+        let slot = &mut made[secs as usize % AGES];
+        match slot {
+            Some((at, value)) if *at == secs => value.clone(),
+            _ => {
+                let value = HeaderValue::from(secs);
+                *slot = Some((secs, value.clone()));
+                value
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ages_are_their_own_numbers_whatever_was_made_before() {
+        // 3 and 19 share a slot; each is asked for before and after the other.
+        for secs in [3, 3, 19, 3, 0, 86_400, 19, 19, u64::MAX] {
+            assert_eq!(super::age(secs).to_str().unwrap(), secs.to_string());
+        }
+    }
+}
