@@ -617,6 +617,31 @@ mod dashboard {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_first_snapshot_covers_a_whole_second() {
+        let script = Script::new(Duration::ZERO, &[(200, RUNNING)]);
+        let app = app("", &script);
+        let page = Arc::new(dashboard(&app));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut events = page.events(stop.clone());
+        let started = Instant::now();
+        tokio::spawn(page.clone().run(stop.clone()));
+        get(&app, "early").await;
+        // The stream opens with its retry field; the first snapshot follows.
+        let opening = events.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(opening, "retry: 2000\n\n");
+        let first = events.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "sampled after {:?}",
+            started.elapsed()
+        );
+        // One request over a second, not over the first instant.
+        let text = String::from_utf8_lossy(&first);
+        assert!(text.contains(r#""requests_per_s":1.0"#), "{text}");
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn trouble_shows_backoffs_and_budget_refusals() {
         let script = Script::new(Duration::ZERO, &[(429, r#"{"error_code":"APIGW.0308"}"#)]);
         let app = app(

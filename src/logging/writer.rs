@@ -342,6 +342,33 @@ mod tests {
     }
 
     #[test]
+    fn a_full_slot_does_not_cut_the_batch_short() {
+        let (out, seen) = sink(None);
+        let (writer, _guard) = LineWriter::spawn(out, 1 << 20);
+        let state = |check: fn(&Pending) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !check(&writer.0.pending.lock()) {
+                assert!(std::time::Instant::now() < deadline, "writer stuck");
+                std::thread::yield_now();
+            }
+        };
+        state(|p| p.asleep);
+        let first = std::time::Instant::now();
+        writer.push(b"first\n");
+        // Awake again means in its gathering wait: it clears the flag and
+        // waits again under one hold of the lock.
+        state(|p| !p.asleep);
+        writer.push(&vec![b'x'; HAND_OFF]);
+        let written = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(written.starts_with(b"first\n"));
+        assert!(
+            first.elapsed() >= EVERY,
+            "written {:?} after the first line",
+            first.elapsed()
+        );
+    }
+
+    #[test]
     fn each_threads_lines_are_written_in_order_even_after_it_ended() {
         let (out, seen) = sink(None);
         let (writer, guard) = LineWriter::spawn(out, 1 << 20);
