@@ -489,19 +489,24 @@ fn main() {
             hits[i].push(hit);
         }
     }
+    // Each round's rate over the ceiling's in that round, per server.
+    let shares: Vec<Vec<f64>> = hits
+        .iter()
+        .map(|rounds| {
+            rounds
+                .iter()
+                .zip(&hits[0])
+                .map(|(h, ceiling)| h.0 / ceiling.0)
+                .collect()
+        })
+        .collect();
     let mut rows = Vec::new();
     for (i, server) in servers.iter().enumerate() {
         let pick = |f: fn(&(f64, f64, f64)) -> f64| median(hits[i].iter().map(f).collect());
         let mut row = Row {
             name: server.name,
             rate: pick(|h| h.0),
-            vs_ceiling: median(
-                hits[i]
-                    .iter()
-                    .zip(&hits[0])
-                    .map(|(h, ceiling)| h.0 / ceiling.0)
-                    .collect(),
-            ),
+            vs_ceiling: median(shares[i].clone()),
             p50: pick(|h| h.1),
             p99: pick(|h| h.2),
             cpu: (
@@ -619,12 +624,8 @@ fn main() {
         println!("  {:<16} {}", r.name, each.join(" "));
     }
     println!("vs ceiling by round:");
-    for (r, rounds) in rows.iter().zip(&hits).skip(1) {
-        let each: Vec<String> = rounds
-            .iter()
-            .zip(&hits[0])
-            .map(|(h, ceiling)| format!("{:.2}", h.0 / ceiling.0))
-            .collect();
+    for (r, rounds) in rows.iter().zip(&shares).skip(1) {
+        let each: Vec<String> = rounds.iter().map(|share| format!("{share:.2}")).collect();
         println!("  {:<16} {}", r.name, each.join(" "));
     }
     println!("\nexpired-key herd: 100 clients just after a polled running job's 1 s TTL lapsed, {rounds} rounds (medians);");
